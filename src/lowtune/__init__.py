@@ -1,0 +1,3 @@
+"""lowtune: low-cost fine-tuning of chat LLMs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,117 @@
+"""The run folder contract (DESIGN.md): every path inside `runs/<name>/` is named here and nowhere else.
+
+Bottom layer: imports only config/errors. Training writes a run folder; chat, eval, merge, web, serve and upload
+read it and need nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lowtune.config import Config, build_config, parse_yaml
+from lowtune.errors import UserError
+
+CHECKPOINT_PREFIX = "step-"
+COMPLETE_MARKER = "COMPLETE"  # written last inside a checkpoint: its absence means "never resume from here"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    root: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def chat_template_path(self) -> Path:
+        return self.root / "chat_template.jinja"
+
+    @property
+    def generation_config_path(self) -> Path:
+        return self.root / "generation_config.json"
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def samples_path(self) -> Path:
+        return self.root / "samples.jsonl"
+
+    @property
+    def loss_plot_path(self) -> Path:
+        return self.root / "loss.png"
+
+    @property
+    def eval_path(self) -> Path:
+        return self.root / "eval.json"
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{step}"
+
+    def complete_checkpoints(self) -> list[tuple[int, Path]]:
+        """(step, folder) of every checkpoint whose write finished, oldest first."""
+        found = []
+        if self.checkpoints_dir.is_dir():
+            for child in self.checkpoints_dir.iterdir():
+                match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", child.name)
+                if match and (child / COMPLETE_MARKER).is_file():
+                    found.append((int(match.group(1)), child))
+        return sorted(found)
+
+    def latest_checkpoint(self) -> Path | None:
+        complete = self.complete_checkpoints()
+        return complete[-1][1] if complete else None
+
+    def load_config(self) -> Config:
+        if not self.config_path.is_file():
+            raise UserError(f"{self.root} is not a run folder (no config.yaml); give a run folder or a model folder")
+        text = self.config_path.read_text(encoding="utf-8")
+        return build_config(parse_yaml(text, str(self.config_path)) or {}, str(self.config_path), text)
+
+
+def is_run_folder(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / "config.yaml").is_file() and ((path / "adapter").is_dir() or (path / "checkpoints").is_dir())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new one, never half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Move a fully written temp folder into place, replacing an older one (rename is atomic per folder)."""
+    if final_dir.exists():
+        old = final_dir.with_name(f".{final_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+        os.replace(tmp_dir, final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        final_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp_dir, final_dir)

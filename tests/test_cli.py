@@ -1,0 +1,54 @@
+import subprocess
+import sys
+
+import pytest
+
+from lowtune.cli import main
+from lowtune.config import load_config
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lowtune.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_help_is_fast_and_imports_nothing_heavy():
+    code = ("import sys; from lowtune.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "heavy = [m for m in ('torch', 'transformers', 'peft', 'accelerate', 'gradio', 'pydantic') "
+            "if m in sys.modules]\nassert not heavy, heavy\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "doctor" in result.stdout
+
+
+def test_list_shows_recipes_and_filters(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") >= 5 and "tiny-self" in out
+    assert main(["list", "medqa"]) == 0
+    assert capsys.readouterr().out.strip().startswith("internlm-chat-7b-qlora-medqa")
+
+
+def test_copy_writes_a_valid_config(tmp_path, capsys):
+    dest = tmp_path / "my.yaml"
+    assert main(["copy", "internlm-chat-7b-qlora-medqa", str(dest)]) == 0
+    assert load_config(str(dest)).model.quantization == "nf4"
+    assert main(["copy", "internlm-chat-7b-qlora-medqa", str(dest)]) == 2  # no silent overwrite
+    assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["list", "zzz"], "no recipe matches"),
+    (["copy", "medqa-typo"], "no recipe named"),
+])
+def test_user_errors_exit_2_with_one_line(args, message, tmp_path):
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_doctor_prints_its_table_and_exits_0():
+    result = run_cli("doctor", "--timeout", "1")
+    assert result.returncode == 0, result.stderr
+    for word in ("torch", "transformers", "4-bit", "Hugging Face", "ModelScope", "HF_HUB_OFFLINE"):
+        assert word in result.stdout
