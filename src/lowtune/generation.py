@@ -1,0 +1,85 @@
+"""Answer generation shared by training samples, chat, web and serve: one code path, template-driven stopping.
+
+Layer 1: imports templates only. The model may be a plain transformers model or a PEFT model.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lowtune.templates import ChatTemplate
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    """0 = greedy (deterministic)."""
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def generate_kwargs(self) -> dict:
+        kwargs: dict = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        if self.temperature > 0:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+def stream_answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
+                  messages: list[dict], sampling: Sampling | None = None,
+                  extra_stop_ids: list[int] | None = None) -> Iterator[str]:
+    """Yield the answer's text as it is generated; stops on the template's end-of-turn ids, never yields them."""
+    import torch
+    from transformers import TextIteratorStreamer
+
+    sampling = sampling or Sampling()
+    prompt_ids = template.encode_prompt(messages, tokenizer)
+    stop_ids = template.stop_token_ids(tokenizer) + [i for i in extra_stop_ids or [] if i is not None]
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([prompt_ids], device=device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                  eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True, **sampling.generate_kwargs())
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            with torch.inference_mode():
+                model.generate(**kwargs)
+        except BaseException as exc:  # surfaced in the caller's thread below
+            errors.append(exc)
+            streamer.end()
+
+    was_training = model.training
+    model.eval()
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    try:
+        for piece in streamer:
+            if piece:
+                yield piece
+    finally:
+        worker.join()
+        if was_training:
+            model.train()
+    if errors:
+        raise errors[0]
+
+
+def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
+           messages: list[dict], sampling: Sampling | None = None) -> str:
+    """The whole answer as one string (greedy by default)."""
+    return "".join(stream_answer(model, tokenizer, template, messages, sampling)).strip()
