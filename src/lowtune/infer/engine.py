@@ -1,0 +1,299 @@
+"""The chat engine: one model in memory (optionally with a LoRA adapter), its template and its stop ids.
+
+`load_engine(target)` accepts a run folder (base model, adapter, template and stop ids all read from it), a PEFT
+adapter folder, a merged or plain model folder, a hub id, or `builtin:tiny`. Chat, eval, agent, web and serve all
+answer through `ChatEngine.stream`, which calls the shared `lowtune.generation` code path. The base model's answer
+(`adapter=False`) comes from the same weights with the adapter disabled: one model in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lowtune.errors import UserError
+from lowtune.generation import Sampling, stream_answer
+from lowtune.models.builtin import is_builtin
+from lowtune.models.load import FULL_MODEL_DIR, load_model, load_tokenizer
+from lowtune.models.resolve import resolve_model_dir
+from lowtune.runs import RunFolder
+from lowtune.templates import FAMILY_TEMPLATES, STOP_WORDS, TEMPLATE_FILE, ChatTemplate, resolve_template
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from lowtune.config import Config
+
+ADAPTER_CONFIG = "adapter_config.json"
+GENERATION_CONFIG = "generation_config.json"
+
+
+# --- what to load -------------------------------------------------------------------------------------------------
+
+@dataclass
+class Source:
+    """Where each piece of a chat model comes from, before anything heavy is loaded."""
+
+    name: str
+    base_spec: str
+    """Model spec of the weights to load: a folder, hub id or builtin:NAME."""
+    adapter_dir: Path | None = None
+    template_path: Path | None = None
+    template_name: str = "auto"
+    stop_ids: list[int] = field(default_factory=list)
+    default_system: str | None = None
+    config: Config | None = None
+    tokenizer_dir: Path | None = None
+    """Folder with the tokenizer to use instead of the base model's (a run's adapter carries one)."""
+
+    @property
+    def hub(self) -> str:
+        return self.config.model.hub if self.config else "auto"
+
+    @property
+    def revision(self) -> str | None:
+        return self.config.model.revision if self.config else None
+
+    @property
+    def trust_remote_code(self) -> bool:
+        return bool(self.config and self.config.model.trust_remote_code)
+
+
+def read_stop_ids(generation_config: Path) -> list[int]:
+    """eos_token_id of a generation_config.json as a list (empty when the file is missing)."""
+    if not generation_config.is_file():
+        return []
+    try:
+        eos = json.loads(generation_config.read_text(encoding="utf-8")).get("eos_token_id")
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{generation_config} is not valid JSON ({exc.msg}); delete it or fix it") from None
+    ids = eos if isinstance(eos, list) else [eos]
+    return [int(i) for i in ids if isinstance(i, int)]
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).is_file()
+
+
+def run_weights(run: RunFolder) -> Path:
+    """The folder holding a run's trained weights: adapter/ (or a full model there), else the newest checkpoint."""
+    for candidate in _weight_candidates(run):
+        if is_adapter_dir(candidate) or (candidate / "config.json").is_file():
+            return candidate
+    raise UserError(f"{run.root} has no trained weights yet (no adapter/ and no complete checkpoint); "
+                    f"train it first or pass --adapter PATH")
+
+
+def _weight_candidates(run: RunFolder) -> list[Path]:
+    found = [run.adapter_dir, run.root / FULL_MODEL_DIR]
+    latest = run.latest_checkpoint()
+    if latest is not None:
+        found += [latest / "adapter", latest / FULL_MODEL_DIR, latest]
+    return found
+
+
+def _run_of(adapter_dir: Path) -> RunFolder | None:
+    """The run folder an adapter folder sits in (run/adapter or run/checkpoints/step-N[/adapter]), if any."""
+    for parent in list(adapter_dir.resolve().parents)[:3]:
+        if (parent / "config.yaml").is_file():
+            return RunFolder(parent)
+    return None
+
+
+def locate_run(root: Path, adapter: str | None = None) -> Source:
+    run = RunFolder(root)
+    config = run.load_config()
+    weights = Path(adapter) if adapter else run_weights(run)
+    base_spec, adapter_dir = config.model.path, weights
+    if not is_adapter_dir(weights):  # a full fine-tune: the weights are a whole model
+        base_spec, adapter_dir = str(weights), None
+    template_path = run.chat_template_path if run.chat_template_path.is_file() else None
+    tokenizer_dir = weights if (weights / "tokenizer_config.json").is_file() else None
+    return Source(name=root.name, base_spec=base_spec, adapter_dir=adapter_dir, template_path=template_path,
+                  template_name=config.model.template, stop_ids=read_stop_ids(run.generation_config_path),
+                  default_system=config.eval.system or config.data.system or None, config=config,
+                  tokenizer_dir=tokenizer_dir)
+
+
+def adapter_base(adapter_dir: Path) -> str:
+    """The base model spec recorded in an adapter's adapter_config.json (may be a hub id or a stale path)."""
+    try:
+        cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{adapter_dir / ADAPTER_CONFIG} is not valid JSON ({exc.msg})") from None
+    return cfg.get("base_model_name_or_path") or ""
+
+
+def locate_adapter(adapter_dir: Path, base: str | None = None) -> Source:
+    """An adapter folder: its base comes from `base`, the run folder around it, or adapter_config.json."""
+    run = _run_of(adapter_dir)
+    if run is not None and base is None:
+        return locate_run(run.root, adapter=str(adapter_dir))
+    spec = base or adapter_base(adapter_dir)
+    if not spec or not (is_builtin(spec) or Path(spec).is_dir() or _looks_like_hub_id(spec)):
+        raise UserError(f"the base model of adapter {adapter_dir} was not found "
+                        f"(adapter_config.json names '{spec}'); give --base PATH")
+    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else None
+    template_path = adapter_dir / TEMPLATE_FILE if (adapter_dir / TEMPLATE_FILE).is_file() else None
+    return Source(name=adapter_dir.name, base_spec=spec, adapter_dir=adapter_dir, template_path=template_path,
+                  tokenizer_dir=tokenizer_dir)
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    from lowtune.models.resolve import HUB_ID
+
+    return bool(HUB_ID.match(spec)) and not Path(spec).is_absolute() and not spec.startswith(".")
+
+
+def locate(target: str, adapter: str | None = None) -> Source:
+    """Classify TARGET (run folder, adapter folder, model folder, hub id, builtin) without loading weights."""
+    path = Path(target).expanduser()
+    if not is_builtin(target) and path.is_dir():
+        if (path / "config.yaml").is_file():
+            return locate_run(path, adapter)
+        if is_adapter_dir(path):
+            if adapter:
+                raise UserError(f"{path} is already an adapter; pass the base model as MODEL and this as --adapter")
+            return locate_adapter(path)
+    source = Source(name=path.name if path.is_dir() else target, base_spec=target)
+    if adapter:
+        if not is_adapter_dir(Path(adapter)):
+            raise UserError(f"--adapter {adapter}: no {ADAPTER_CONFIG} there; give a PEFT adapter folder")
+        source.adapter_dir = Path(adapter)
+    return source
+
+
+# --- loading ------------------------------------------------------------------------------------------------------
+
+def load_base(model_dir: Path, bits: int | None = None, dtype: str = "auto",
+              trust_remote_code: bool = False) -> PreTrainedModel:
+    """The base model for inference: full precision in `dtype`, or 4/8-bit through bitsandbytes; eval mode."""
+    from transformers.utils import logging as hf_logging
+
+    if bits not in (None, 4, 8):
+        raise UserError(f"--bits must be 4 or 8 (got {bits})")
+    hf_logging.disable_progress_bar()
+    quantization = {None: "none", 4: "nf4", 8: "int8"}[bits]
+    model = load_model(model_dir, quantization=quantization, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.config.use_cache = True
+    return model.eval()
+
+
+def attach_adapter(model: PreTrainedModel, adapter_dir: Path) -> Any:
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+    except (ValueError, RuntimeError) as exc:
+        raise UserError(f"adapter {adapter_dir} does not fit base model {model.name_or_path}: "
+                        f"{str(exc).splitlines()[0]}; pass the base it was trained on") from None
+
+
+def choose_template(source: Source, tokenizer: PreTrainedTokenizerBase, model_dir: Path,
+                    override: str | None) -> ChatTemplate:
+    """--template wins; else the template the run trained with; else one saved beside the model; else 'auto'."""
+    if override:
+        return resolve_template(override, tokenizer, model_dir)
+    stop_words = STOP_WORDS.get(source.template_name, ()) or _family_stop_words(model_dir)
+    for path in (source.template_path, model_dir / TEMPLATE_FILE):
+        if path is not None and path.is_file():
+            name = source.template_name if source.template_name != "auto" else "tokenizer"
+            return ChatTemplate(name=name, source=path.read_text(encoding="utf-8"), stop_words=stop_words)
+    return resolve_template("auto", tokenizer, model_dir, stop_words=stop_words)
+
+
+def _family_stop_words(model_dir: Path) -> tuple[str, ...]:
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        return ()
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    family = FAMILY_TEMPLATES.get(config.get("lowtune_family") or config.get("model_type") or "")
+    return STOP_WORDS.get(family or "", ())
+
+
+# --- the engine ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class ChatEngine:
+    """A loaded chat model. Generation is serialised by a lock: one model, one answer at a time."""
+
+    name: str
+    model: Any
+    """A transformers model, or a peft PeftModel when an adapter is attached."""
+    tokenizer: PreTrainedTokenizerBase
+    template: ChatTemplate
+    default_system: str | None = None
+    stop_ids: list[int] = field(default_factory=list)
+    """Extra stop ids (generation_config.json); the template's own end-of-turn ids are always added."""
+    adapter_dir: Path | None = None
+    model_dir: Path | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.adapter_dir is not None
+
+    @property
+    def max_context(self) -> int | None:
+        """The model's context length (max_position_embeddings), if the config names one."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def all_stop_ids(self) -> list[int]:
+        ids = self.template.stop_token_ids(self.tokenizer)
+        return ids + [i for i in self.stop_ids if i not in ids]
+
+    def with_system(self, messages: list[dict]) -> list[dict]:
+        """`messages` with the default system prompt first, unless they already carry one."""
+        if self.default_system and not any(m["role"] == "system" for m in messages):
+            return [{"role": "system", "content": self.default_system}, *messages]
+        return list(messages)
+
+    def prompt_length(self, messages: list[dict]) -> int:
+        return len(self.template.encode_prompt(self.with_system(messages), self.tokenizer))
+
+    def stream(self, messages: list[dict], sampling: Sampling | None = None, adapter: bool = True) -> Iterator[str]:
+        """Yield the answer's text as it is generated. `adapter=False` answers as the base model."""
+        messages = self.with_system(messages)
+        with self._lock, self._adapter_state(adapter):
+            yield from stream_answer(self.model, self.tokenizer, self.template, messages, sampling, self.stop_ids)
+
+    def answer(self, messages: list[dict], sampling: Sampling | None = None, adapter: bool = True) -> str:
+        return "".join(self.stream(messages, sampling, adapter=adapter)).strip()
+
+    @contextmanager
+    def without_adapter(self) -> Iterator[ChatEngine]:
+        """`with engine.without_adapter(): engine.answer(...)` answers as the base model (single-threaded use)."""
+        with self._adapter_state(False):
+            yield self
+
+    def _adapter_state(self, enabled: bool):
+        if enabled or not self.has_adapter:
+            return nullcontext()
+        return self.model.disable_adapter()
+
+
+def load_engine(target: str, adapter: str | None = None, bits: int | None = None, template: str | None = None,
+                system: str | None = None, dtype: str = "auto", base: str | None = None) -> ChatEngine:
+    """Load TARGET for chat: a run folder, adapter folder, merged/plain model folder, hub id or builtin:NAME.
+
+    `adapter` adds a PEFT adapter to a plain model (or replaces a run's), `bits` loads the base in 4/8-bit,
+    `template` overrides the chat template, `system` the default system prompt, `base` the base of an adapter.
+    """
+    source = locate_adapter(Path(target), base) if base and is_adapter_dir(Path(target)) else locate(target, adapter)
+    trust = source.trust_remote_code
+    model_dir = resolve_model_dir(source.base_spec, hub=source.hub, revision=source.revision)
+    tokenizer = load_tokenizer(source.tokenizer_dir or model_dir, trust)
+    chat_template = choose_template(source, tokenizer, model_dir, template)
+    model = load_base(model_dir, bits=bits, dtype=dtype, trust_remote_code=trust)
+    stop_ids = source.stop_ids or read_stop_ids(model_dir / GENERATION_CONFIG)
+    if source.adapter_dir is not None:
+        model = attach_adapter(model, source.adapter_dir)
+    model.eval()
+    return ChatEngine(name=source.name, model=model, tokenizer=tokenizer, template=chat_template,
+                      default_system=system if system is not None else source.default_system,
+                      stop_ids=stop_ids, adapter_dir=source.adapter_dir, model_dir=model_dir)
