@@ -2,9 +2,13 @@
 
 The tokenizer's own `chat_template` is used when it has one; models that lack one (InternLM v1, ...) get a shipped
 Jinja file from `chat_templates/`. Shipped templates wrap each trained span (answer + end-of-turn token) in
-`{% generation %}` so label masks come from the template itself. Rendering goes through transformers'
-`apply_chat_template` (no template engine of our own). Rendered text includes the BOS token where the model uses
-one; encode it with `add_special_tokens=False`.
+`{% generation %}` so label masks come from the template itself; templates without it (a tokenizer's own) are split
+by rendering growing prefixes of the conversation. Rendering goes through transformers' Jinja renderer (no template
+engine of our own). Rendered text includes the BOS token where the model uses one.
+
+Token ids are built per segment (prompt scaffolding / trained answer span), each encoded with
+`add_special_tokens=False`, for training and inference alike, so a prompt is encoded to exactly the ids the model
+saw in training even where a tokenizer would merge characters across the prompt/answer boundary.
 """
 
 from __future__ import annotations
@@ -24,18 +28,43 @@ TEMPLATE_FILE = "chat_template.jinja"
 
 # Stop words of each shipped template: generation ends at any of them (plus the tokenizer's EOS).
 STOP_WORDS: dict[str, tuple[str, ...]] = {
+    "default": (),
+    "zephyr": (),
     "internlm_chat": ("<eoa>", "</s>"),
     "internlm2_chat": ("<|im_end|>",),
+    "moss_sft": ("<eoc>", "<eom>"),
+    "llama2_chat": (),
+    "code_llama_chat": (),
+    "chatglm2": (),
+    "chatglm3": (),
     "chatml": ("<|im_end|>",),
     "qwen_chat": ("<|im_end|>", "<|endoftext|>"),
-    "default": (),
+    "baichuan_chat": (),
+    "baichuan2_chat": (),
+    "vicuna": (),
+    "wizardlm": (),
+    "wizardcoder": (),
+    "deepseek_coder": (),
+    "deepseek_moe": (),
+    "deepseek_v2": ("<｜end▁of▁sentence｜>",),
+    "mistral": (),
+    "mixtral": (),
+    "minicpm": (),
+    "gemma": ("<end_of_turn>",),
+    "cohere_chat": ("<|END_OF_TURN_TOKEN|>",),
+    "llama3_chat": ("<|eot_id|>",),
+    "phi3_chat": ("<|end|>",),
 }
+ALIASES = {"deepseekcoder": "deepseek_coder"}
 # model_type in config.json -> shipped template used when the tokenizer has none.
 FAMILY_TEMPLATES = {
     "internlm": "internlm_chat",
     "internlm2": "internlm2_chat",
     "qwen": "qwen_chat",
 }
+
+Segment = tuple[str, "int | None"]
+"""(text, index of the assistant message whose trained span this is, or None for untrained scaffolding)."""
 
 
 @dataclass(frozen=True)
@@ -50,16 +79,84 @@ class ChatTemplate:
     def marks_generation(self) -> bool:
         return "{% generation %}" in self.source or "{%- generation %}" in self.source
 
+    def _render(self, messages: list[dict], tokenizer: PreTrainedTokenizerBase, add_generation_prompt: bool,
+                spans: bool) -> tuple[str, list[tuple[int, int]]]:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+        texts, indices = render_jinja_template(
+            conversations=[plain], chat_template=self.source, return_assistant_tokens_mask=spans,
+            add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map)
+        return texts[0], [tuple(s) for s in indices[0]] if spans else []
+
     def render(self, messages: list[dict], tokenizer: PreTrainedTokenizerBase,
                add_generation_prompt: bool = False) -> str:
-        plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-        return tokenizer.apply_chat_template(plain, chat_template=self.source, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        return self._render(messages, tokenizer, add_generation_prompt, spans=False)[0]
+
+    def segments(self, messages: list[dict], tokenizer: PreTrainedTokenizerBase,
+                 add_generation_prompt: bool = False) -> list[Segment]:
+        """The rendered conversation cut into untrained scaffolding and each assistant message's trained span.
+
+        The trained span of an assistant message is its content plus the end-of-turn token(s) the template adds
+        (e.g. `<eoa>`, `<|im_end|>`, or EOS). Raises UserError when the template does not let us find it.
+        """
+        assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if self.marks_generation:
+            text, spans = self._render(messages, tokenizer, add_generation_prompt, spans=True)
+            if len(spans) != len(assistants):
+                raise UserError(f"chat template '{self.name}' marks {len(spans)} {{% generation %}} spans for "
+                                f"{len(assistants)} assistant messages; wrap each assistant answer exactly once")
+        else:
+            text = self.render(messages, tokenizer, add_generation_prompt)
+            spans = [self._span_by_prefix(messages, i, text, tokenizer) for i in assistants]
+        out: list[Segment] = []
+        pos = 0
+        for (start, end), index in zip(spans, assistants):
+            if start > pos:
+                out.append((text[pos:start], None))
+            out.append((text[start:end], index))
+            pos = end
+        if pos < len(text):
+            out.append((text[pos:], None))
+        return out
+
+    def _span_by_prefix(self, messages: list[dict], index: int, full: str,
+                        tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
+        """Char span of messages[index]'s answer + end-of-turn, found by rendering the conversation up to it."""
+        prompt = self.render(messages[:index], tokenizer, add_generation_prompt=True) if index else ""
+        upto = self.render(messages[: index + 1], tokenizer)
+        content = messages[index]["content"].strip()
+        where = f"chat template '{self.name}'"
+        if not upto.startswith(prompt) or not full.startswith(upto):
+            raise UserError(f"{where} renders a conversation differently from its own prefix, so answer tokens "
+                            "cannot be located; pass a template with {% generation %} (model.template=NAME)")
+        start = upto.find(content, len(prompt))
+        if start < 0:
+            raise UserError(f"{where} does not render the assistant's text verbatim; "
+                            "pass a template with {% generation %} (model.template=NAME)")
+        after = start + len(content)
+        stops = [w for w in (*self.stop_words, tokenizer.eos_token) if w]
+        found = [(upto.find(w, after), w) for w in stops if upto.find(w, after) >= 0]
+        if not found:
+            raise UserError(f"{where} puts no end-of-turn token after an answer, so the model would never learn "
+                            "to stop; pass a template with {% generation %} (model.template=NAME)")
+        at, word = min(found)
+        if upto[after:at].strip():
+            raise UserError(f"{where} renders text between an answer and its end-of-turn token; "
+                            "pass a template with {% generation %} (model.template=NAME)")
+        return start, at + len(word)
+
+    def encode_segments(self, segments: list[Segment], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
+        """Token ids of each segment, each encoded on its own without added special tokens."""
+        texts = [text for text, _ in segments]
+        if not texts:
+            return []
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def encode_prompt(self, messages: list[dict], tokenizer: PreTrainedTokenizerBase) -> list[int]:
-        """Token ids of a conversation ready for the model's next answer (inference)."""
-        text = self.render(messages, tokenizer, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        """Token ids of a conversation ready for the model's next answer (inference); equal to training's ids."""
+        segments = self.segments(messages, tokenizer, add_generation_prompt=True)
+        return [tid for ids in self.encode_segments(segments, tokenizer) for tid in ids]
 
     def stop_token_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
         """Ids that end a generated answer: the template's stop words that are single tokens, plus EOS."""
@@ -81,6 +178,7 @@ def shipped_names() -> list[str]:
 
 
 def shipped(name: str) -> ChatTemplate:
+    name = ALIASES.get(name, name)
     if name not in shipped_names():
         raise UserError(f"unknown chat template '{name}'{did_you_mean(name, shipped_names())}; "
                         f"known: {', '.join(shipped_names())}, or a path to a .jinja file")

@@ -1,0 +1,69 @@
+"""Conversation -> token ids + labels: exactly each trained answer and its end-of-turn token carry loss.
+
+Layer 1. The trained spans come from the chat template (`ChatTemplate.segments`); everything else (BOS, system,
+user turns, role markers, separators, `loss: false` answers) is IGNORE_INDEX. A pretraining sample (one assistant
+message and nothing else, which is what plain text converts to) supervises every token.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from lowtune.templates import ChatTemplate
+
+IGNORE_INDEX = -100
+
+
+def has_loss(message: dict) -> bool:
+    """Whether an assistant message is trained: `loss` absent or true (canonical data holds booleans only)."""
+    return message["role"] == "assistant" and message.get("loss", True) is not False
+
+
+def is_pretraining(messages: list[dict]) -> bool:
+    return len(messages) == 1 and messages[0]["role"] == "assistant"
+
+
+def _pretraining_ids(text: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id, *ids]
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)  # documents stay apart when packed, and the model learns to end one
+    return ids
+
+
+def encode_full(messages: list[dict], tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> dict:
+    """{"input_ids", "labels"} of a whole conversation, before truncation."""
+    if is_pretraining(messages):
+        input_ids = _pretraining_ids(messages[0]["content"], tokenizer)
+        trained = messages[0].get("loss", True) is not False
+        labels = list(input_ids) if trained else [IGNORE_INDEX] * len(input_ids)
+    else:
+        segments = template.segments(messages, tokenizer)
+        input_ids, labels = [], []
+        for (_, index), ids in zip(segments, template.encode_segments(segments, tokenizer)):
+            input_ids.extend(ids)
+            trained = index is not None and has_loss(messages[index])
+            labels.extend(ids if trained else [IGNORE_INDEX] * len(ids))
+    if labels:
+        # Nothing predicts a sample's first token; in a packed row the previous sample's last token would.
+        labels[0] = IGNORE_INDEX
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def truncate(sample: dict, max_length: int | None) -> dict | None:
+    """The sample cut to max_length tokens (hard cut at the end), or None when no trained token remains."""
+    if max_length is not None and len(sample["input_ids"]) > max_length:
+        sample = {"input_ids": sample["input_ids"][:max_length], "labels": sample["labels"][:max_length]}
+    if all(label == IGNORE_INDEX for label in sample["labels"]):
+        return None
+    return sample
+
+
+def encode_conversation(messages: list[dict], tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
+                        max_length: int | None) -> dict | None:
+    """{"input_ids", "labels"} for one canonical conversation, cut to max_length; None if nothing is trained."""
+    return truncate(encode_full(messages, tokenizer, template), max_length)

@@ -1,0 +1,45 @@
+"""Deterministic train/test split of a canonical JSONL file.
+
+Layer 1. The train part has floor(n × fraction) conversations, computed without float error (689 × 0.7 → 482 train
+/ 207 test; 690 × 0.7 → 483, where the tutorial's `int(690*0.7)` gave 482), at least one in each part when n ≥ 2. Which lines go where is a seeded permutation; both
+outputs keep the input's line order.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+from lowtune.errors import UserError
+
+
+def split_indices(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, test indices), each ascending."""
+    if not 0 < fraction < 1:
+        raise UserError(f"--train must be a fraction between 0 and 1 (got {fraction})")
+    n_train = math.floor(count * fraction + 1e-9)  # 690 * 0.7 is 482.999… in floating point
+    if count >= 2:
+        n_train = min(max(n_train, 1), count - 1)
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    return sorted(order[:n_train]), sorted(order[n_train:])
+
+
+def split_file(path: Path, fraction: float, seed: int) -> tuple[Path, Path, int, int]:
+    """Write <stem>.train.jsonl and <stem>.test.jsonl next to `path`; returns both paths and their sizes."""
+    from lowtune.data.formats import ReadReport, read_conversations, write_jsonl
+
+    report = ReadReport()
+    conversations = [m for _, m in read_conversations(path, "auto", report)]
+    if report.skipped:
+        raise UserError(f"{report.reasons[0]}; {report.skipped} records of {path} cannot be read — "
+                        "run `lowtune data convert` on it first")
+    if len(conversations) < 2:
+        raise UserError(f"{path} has {len(conversations)} conversations; a split needs at least 2")
+    train, test = split_indices(len(conversations), fraction, seed)
+    stem = path.name.removesuffix(path.suffix)
+    train_path, test_path = path.with_name(f"{stem}.train.jsonl"), path.with_name(f"{stem}.test.jsonl")
+    write_jsonl(train_path, [conversations[i] for i in train])
+    write_jsonl(test_path, [conversations[i] for i in test])
+    return train_path, test_path, len(train), len(test)
