@@ -35,6 +35,10 @@ def train_adapter(model_dir: Path, out_dir: Path, quantization: str = "none", st
     torch.manual_seed(0)
     tokenizer, template = load_tokenizer(model_dir), shipped("chatml")
     model = load_model(model_dir, quantization=quantization, dtype="fp32")
+    if quantization == "nf4":  # QLoRA for real: the frozen base layers are bitsandbytes 4-bit
+        import bitsandbytes as bnb
+
+        assert isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
     model = apply_lora(model, LoraSection(r=8, alpha=16, dropout=0.0), gradient_checkpointing=False)
     prefix = [{"role": "system", "content": system}] if system else []
     rows = [encode_conversation(prefix + c, tokenizer, template, 256) for c in conversations or IDENTITY]

@@ -55,6 +55,19 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(timeout=args.timeout)
 
 
+# --- after training -----------------------------------------------------------------------------------------------
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from lowtune.export.merge import merge
+
+    result = merge(args.target, args.output, base=args.base, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                   force=args.force)
+    print(f"merged {args.target} -> {result.out_dir} ({result.dtype}, {result.shards} safetensors shard(s), "
+          f"stop ids {result.stop_ids}, {result.seconds:.1f}s)")
+    print(f"chat with it: lowtune chat {result.out_dir}")
+    return 0
+
+
 # --- wiring -------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +91,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("dest", nargs="?", help="file or folder (default ./RECIPE.yaml)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    p = verb("merge", cmd_merge, "merge a LoRA/QLoRA adapter into a full-precision copy of its base (HF folder)")
+    p.add_argument("target", metavar="RUN|ADAPTER", help="run folder or PEFT adapter folder")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the merged model")
+    p.add_argument("--base", metavar="PATH", help="base model (default: from the run's config or adapter_config.json)")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp16", "fp32"], default="auto",
+                   help="weights dtype (default: as the base is stored)")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     return parser
 
 
