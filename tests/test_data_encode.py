@@ -85,10 +85,11 @@ def test_pretraining_text_trains_every_token_but_the_first(micro_tokenizer):
 @pytest.mark.parametrize("name", shipped_names())
 def test_training_ids_start_with_inference_prompt_ids(name, micro_tokenizer):
     template = shipped(name)
-    sample = encode_conversation(TWO_TURNS, micro_tokenizer, template, None)
+    messages = TWO_TURNS[1:] if name == "minicpm" else TWO_TURNS  # minicpm has no system slot
+    sample = encode_conversation(messages, micro_tokenizer, template, None)
     ids = sample["input_ids"]
-    for upto in (2, 4):  # the prompt before each answer, as chat would encode it
-        prompt = template.encode_prompt(TWO_TURNS[:upto], micro_tokenizer)
+    for upto in [i for i, m in enumerate(messages) if m["role"] == "assistant"]:  # the prompt before each answer
+        prompt = template.encode_prompt(messages[:upto], micro_tokenizer)
         assert ids[: len(prompt)] == prompt
         assert sample["labels"][len(prompt) - 1] == IGNORE_INDEX and sample["labels"][len(prompt)] != IGNORE_INDEX
 
@@ -129,8 +130,9 @@ def test_build_dataset_reads_holds_out_packs_and_counts(tmp_path, micro_tokenize
     write_jsonl(train, convs + [{"messages": [{"role": "user", "content": "no answer"}]}], bom=True)
     cfg = Config.model_validate({"data": {"train": str(train), "eval": 0.25, "max_length": 128, "packing": True,
                                           "system": "Be brief."}})
-    data = build_dataset(cfg, micro_tokenizer, shipped("chatml"))
+    data = build_dataset(cfg, micro_tokenizer, shipped("chatml"), cache_root=tmp_path / "cache")
     summary = data.summary
+    assert not summary.cached
     assert (summary.conversations, summary.skipped, summary.samples, summary.eval_samples) == (20, 1, 15, 5)
     assert f"{train}:21" in summary.skip_reasons[0]
     assert all(len(r["input_ids"]) <= 128 and "seq_lens" in r for r in data.train)
@@ -138,7 +140,29 @@ def test_build_dataset_reads_holds_out_packs_and_counts(tmp_path, micro_tokenize
     assert summary.rows == len(data.train) < 15
     assert "<|im_start|>system\nBe brief.<|im_end|>" in micro_tokenizer.decode(data.eval[0]["input_ids"])
     assert "15 train samples" in data.describe() and "skipped 1" in data.describe()
-    assert build_dataset(cfg, micro_tokenizer, shipped("chatml")).train == data.train
+    again = build_dataset(cfg, micro_tokenizer, shipped("chatml"), cache_root=tmp_path / "cache")
+    assert again.summary.cached and "from the cache" in again.describe()
+    assert list(again.train) == list(data.train) and list(again.eval) == list(data.eval)
+    # the cached rows are exactly what packing the encoded samples in memory gives
+    samples = [data.train.samples[i] for i in range(len(data.train.samples))]
+    assert list(data.train) == pack_samples(samples, 128, seed=42)
+    assert data.train[-1] == data.train[len(data.train) - 1] and data.train[1:3] == [data.train[1], data.train[2]]
+
+
+def test_cache_is_keyed_by_file_content_and_settings(tmp_path, micro_tokenizer):
+    train = tmp_path / "train.jsonl"
+    write_jsonl(train, [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    cfg = Config.model_validate({"data": {"train": str(train), "max_length": 64}})
+    root = tmp_path / "cache"
+    build_dataset(cfg, micro_tokenizer, shipped("chatml"), cache_root=root)
+    assert build_dataset(cfg, micro_tokenizer, shipped("chatml"), cache_root=root).summary.cached
+    cfg.data.max_length = 32
+    assert not build_dataset(cfg, micro_tokenizer, shipped("chatml"), cache_root=root).summary.cached
+    assert not build_dataset(cfg, micro_tokenizer, shipped("internlm_chat"), cache_root=root).summary.cached
+    write_jsonl(train, [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}])
+    data = build_dataset(cfg, micro_tokenizer, shipped("internlm_chat"), cache_root=root)
+    assert not data.summary.cached
+    assert len(list(root.iterdir())) == 4 and not any(p.name.startswith(".") for p in root.iterdir())
 
 
 def test_build_dataset_eval_file_as_json_array_and_unpacked(tmp_path, micro_tokenizer):
@@ -147,7 +171,7 @@ def test_build_dataset_eval_file_as_json_array_and_unpacked(tmp_path, micro_toke
     write_jsonl(train, [conv] * 3)
     test.write_text(json.dumps([conv, conv], indent=4), encoding="utf-8")  # a JSON array despite .jsonl
     cfg = Config.model_validate({"data": {"train": [str(train)], "eval": str(test), "packing": False}})
-    data = build_dataset(cfg, micro_tokenizer, shipped("chatml"))
+    data = build_dataset(cfg, micro_tokenizer, shipped("chatml"), cache_root=tmp_path / "cache")
     assert len(data.train) == 3 and len(data.eval) == 2 and "seq_lens" not in data.train[0]
 
 
@@ -156,4 +180,5 @@ def test_build_dataset_names_the_file_when_nothing_is_usable(tmp_path, micro_tok
     bad.write_text('{"messages": []}\n', encoding="utf-8")
     cfg = Config.model_validate({"data": {"train": str(bad)}})
     with pytest.raises(UserError, match=r"bad.jsonl:1"):
-        build_dataset(cfg, micro_tokenizer, shipped("chatml"))
+        build_dataset(cfg, micro_tokenizer, shipped("chatml"), cache_root=tmp_path / "cache")
+    assert not any((tmp_path / "cache").iterdir())  # a failed build leaves nothing behind

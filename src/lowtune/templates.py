@@ -14,6 +14,7 @@ saw in training even where a tokenizer would merge characters across the prompt/
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -63,6 +64,7 @@ FAMILY_TEMPLATES = {
     "qwen": "qwen_chat",
 }
 
+GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 Segment = tuple[str, "int | None"]
 """(text, index of the assistant message whose trained span this is, or None for untrained scaffolding)."""
 
@@ -77,16 +79,21 @@ class ChatTemplate:
 
     @property
     def marks_generation(self) -> bool:
-        return "{% generation %}" in self.source or "{%- generation %}" in self.source
+        return GENERATION_TAG.search(self.source) is not None
 
     def _render(self, messages: list[dict], tokenizer: PreTrainedTokenizerBase, add_generation_prompt: bool,
                 spans: bool) -> tuple[str, list[tuple[int, int]]]:
         from transformers.utils.chat_template_utils import render_jinja_template
 
+        from jinja2.exceptions import TemplateError
+
         plain = [{"role": m["role"], "content": m["content"]} for m in messages]
-        texts, indices = render_jinja_template(
-            conversations=[plain], chat_template=self.source, return_assistant_tokens_mask=spans,
-            add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map)
+        try:
+            texts, indices = render_jinja_template(
+                conversations=[plain], chat_template=self.source, return_assistant_tokens_mask=spans,
+                add_generation_prompt=add_generation_prompt, **tokenizer.special_tokens_map)
+        except TemplateError as exc:
+            raise UserError(f"chat template '{self.name}': {exc}") from None
         return texts[0], [tuple(s) for s in indices[0]] if spans else []
 
     def render(self, messages: list[dict], tokenizer: PreTrainedTokenizerBase,

@@ -1,16 +1,23 @@
-"""Config -> training data: read every source, add the default system prompt, encode, hold out eval, pack.
+"""Config -> training data: read every source, add the default system prompt, encode, hold out eval, pack, cache.
 
 Layer 1. `build_dataset` is what `train` calls; `TrainData.describe()` is what it prints before the first step.
+Sources are streamed twice (count, then encode in batches straight into the tokenisation cache), so memory grows
+with the number of samples (a few integers each), not with the number of tokens.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lowtune.data.encode import IGNORE_INDEX, encode_full, truncate
+from lowtune.data import cache
+from lowtune.data.encode import IGNORE_INDEX, encode_many, truncate
 from lowtune.data.formats import ReadReport, add_system, read_conversations
-from lowtune.data.pack import pack_samples
+from lowtune.data.pack import plan_rows
 from lowtune.data.split import split_indices
 from lowtune.errors import UserError
 
@@ -36,6 +43,8 @@ class DataSummary:
     samples: int = 0
     rows: int = 0
     eval_samples: int = 0
+    cached: bool = False
+    """True when this came from the tokenisation cache."""
 
     def describe(self) -> str:
         lines = [f"data: {self.conversations} conversations -> {self.samples} train samples in {self.rows} rows, "
@@ -46,14 +55,16 @@ class DataSummary:
             lines.append(f"      {self.truncated} truncated to max_length, {self.dropped} dropped (no trained token)")
         if self.skipped:
             lines.append(f"      skipped {self.skipped} unreadable records, first: {'; '.join(self.skip_reasons)}")
+        if self.cached:
+            lines.append("      (tokenised samples read from the cache)")
         return "\n".join(lines)
 
 
 @dataclass
 class TrainData:
-    train: list[dict]
+    train: Sequence[dict]
     """Packed rows (input_ids, labels, position_ids, seq_lens) when data.packing, else single samples."""
-    eval: list[dict]
+    eval: Sequence[dict]
     """Single samples (input_ids, labels), never packed."""
     summary: DataSummary
 
@@ -61,57 +72,119 @@ class TrainData:
         return self.summary.describe()
 
 
-def read_sources(paths: list[str], fmt: str, system: str | None, summary: DataSummary) -> list[list[dict]]:
+BATCH = 256  # conversations per tokenizer call
+
+
+def iter_sources(paths: list[str], fmt: str, system: str | None, report: ReadReport) -> Iterator[list[dict]]:
     """Every conversation of every source, with the default system prompt added where missing."""
-    report = ReadReport()
-    conversations = [add_system(m, system) for path in paths for _, m in read_conversations(path, fmt, report)]
-    summary.conversations += report.converted
-    summary.skipped += report.skipped
-    summary.skip_reasons = report.reasons
-    return conversations
+    for path in paths:
+        for _, messages in read_conversations(path, fmt, report):
+            yield add_system(messages, system)
 
 
-def encode_all(conversations: list[list[dict]], tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
-               max_length: int | None, summary: DataSummary | None = None) -> list[dict]:
-    """Encoded samples; conversations with nothing left to train are dropped (and counted in `summary`)."""
-    samples = []
+def encode_stream(conversations: Iterator[list[dict]], tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
+                  max_length: int | None, summary: DataSummary | None = None) -> Iterator[dict]:
+    """Encoded, truncated samples; those with nothing left to train are dropped (and counted in `summary`)."""
+    batch: list[list[dict]] = []
     for messages in conversations:
-        full = encode_full(messages, tokenizer, template)
+        batch.append(messages)
+        if len(batch) == BATCH:
+            yield from _encode_batch(batch, tokenizer, template, max_length, summary)
+            batch = []
+    if batch:
+        yield from _encode_batch(batch, tokenizer, template, max_length, summary)
+
+
+def _encode_batch(batch: list[list[dict]], tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
+                  max_length: int | None, summary: DataSummary | None) -> Iterator[dict]:
+    for full in encode_many(batch, tokenizer, template):
         sample = truncate(full, max_length)
         if summary is not None:
             summary.dropped += sample is None
             summary.truncated += sample is not None and len(sample["input_ids"]) < len(full["input_ids"])
         if sample is not None:
-            samples.append(sample)
-    return samples
+            yield sample
 
 
-def build_dataset(cfg: Config, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> TrainData:
-    """Training (packed or not) and eval samples for a config, with counts for the user."""
+def encode_all(conversations: list[list[dict]], tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
+               max_length: int | None, summary: DataSummary | None = None) -> list[dict]:
+    """Encoded samples of some conversations, in memory (preview, eval of a small file)."""
+    return list(encode_stream(iter(conversations), tokenizer, template, max_length, summary))
+
+
+def _key(cfg: Config, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> str:
     data = cfg.data
-    if not data.train:
+    files = [*data.train, *([data.eval] if isinstance(data.eval, str) and data.eval else [])]
+    for path in files:
+        if not Path(path).exists():
+            raise UserError(f"dataset not found: {path}")
+    return cache.cache_key({
+        "files": [cache.file_digest(Path(p)) for p in files], "eval": data.eval, "format": data.format,
+        "system": data.system, "max_length": data.max_length, "packing": data.packing, "seed": cfg.train.seed,
+        "tokenizer": cache.tokenizer_fingerprint(tokenizer), "template": template.source})
+
+
+def build_dataset(cfg: Config, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
+                  cache_root: Path | None = None) -> TrainData:
+    """Training (packed or not) and eval samples for a config, with counts for the user; cached on disk."""
+    if not cfg.data.train:
         raise UserError("data.train is empty: give one or more dataset files (data.train=data/train.jsonl)")
-    summary = DataSummary()
-    conversations = read_sources(data.train, data.format, data.system, summary)
-    if not conversations:
+    folder = (cache_root or cache.default_cache_root()) / _key(cfg, tokenizer, template)
+    if cache.is_complete(folder):
+        summary = DataSummary(**json.loads((folder / "summary.json").read_text(encoding="utf-8")))
+        summary.cached = True
+    else:
+        tmp = cache.new_folder(folder)
+        try:
+            summary = _write_cache(tmp, cfg, tokenizer, template)
+            cache.publish(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    samples = cache.SampleStore(folder, "train")
+    train = cache.load_rows(folder, samples) if cfg.data.packing else samples
+    return TrainData(train=train, eval=cache.SampleStore(folder, "eval"), summary=summary)
+
+
+def _write_cache(folder: Path, cfg: Config, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> DataSummary:
+    data, summary = cfg.data, DataSummary()
+    count_report = ReadReport()
+    total = sum(1 for _ in iter_sources(data.train, data.format, None, count_report))
+    summary.conversations, summary.skipped, summary.skip_reasons = total, count_report.skipped, count_report.reasons
+    if not total:
         raise UserError(f"no usable conversation in {', '.join(data.train)}"
-                        + (f"; first problem: {summary.skip_reasons[0]}" if summary.skip_reasons else ""))
-    eval_conversations: list[list[dict]] = []
+                        + (f"; first problem: {count_report.reasons[0]}" if count_report.reasons else ""))
+    held: set[int] = set()
     if isinstance(data.eval, float):
-        keep, held = split_indices(len(conversations), 1 - data.eval, cfg.train.seed)
-        eval_conversations = [conversations[i] for i in held]
-        conversations = [conversations[i] for i in keep]
-    elif isinstance(data.eval, str) and data.eval:
-        eval_conversations = read_sources([data.eval], data.format, data.system, DataSummary())
-    samples = encode_all(conversations, tokenizer, template, data.max_length, summary)
-    if not samples:
+        held = set(split_indices(total, 1 - data.eval, cfg.train.seed)[1])
+    held_out: list[list[dict]] = []  # a small fraction, kept in memory until the train part is written
+
+    def train_part() -> Iterator[list[dict]]:
+        for i, messages in enumerate(iter_sources(data.train, data.format, data.system, ReadReport())):
+            if i in held:
+                held_out.append(messages)
+            else:
+                yield messages
+
+    train_writer = cache.SampleWriter(folder, "train")
+    for sample in encode_stream(train_part(), tokenizer, template, data.max_length, summary):
+        train_writer.add(sample)
+        summary.tokens += len(sample["input_ids"])
+        summary.supervised_tokens += sum(1 for t in sample["labels"] if t != IGNORE_INDEX)
+    train_writer.close()
+    eval_source: Iterator[list[dict]] = iter(held_out)
+    if isinstance(data.eval, str) and data.eval:
+        eval_source = iter_sources([data.eval], data.format, data.system, ReadReport())
+    eval_writer = cache.SampleWriter(folder, "eval")
+    for sample in encode_stream(eval_source, tokenizer, template, data.max_length):
+        eval_writer.add(sample)
+    eval_writer.close()
+    summary.samples, summary.eval_samples = len(train_writer.lengths), len(eval_writer.lengths)
+    if not summary.samples:
         raise UserError(f"every conversation in {', '.join(data.train)} lost all trained tokens at "
                         f"data.max_length={data.max_length}; raise data.max_length")
-    eval_samples = encode_all(eval_conversations, tokenizer, template, data.max_length)
-    summary.samples = len(samples)
-    summary.tokens = sum(len(s["input_ids"]) for s in samples)
-    summary.supervised_tokens = sum(sum(1 for t in s["labels"] if t != IGNORE_INDEX) for s in samples)
-    train = pack_samples(samples, data.max_length, cfg.train.seed) if data.packing else samples
-    summary.rows = len(train)
-    summary.eval_samples = len(eval_samples)
-    return TrainData(train=train, eval=eval_samples, summary=summary)
+    rows = plan_rows(train_writer.lengths, data.max_length, cfg.train.seed) if data.packing else []
+    cache.save_rows(folder, rows)
+    summary.rows = len(rows) if data.packing else summary.samples
+    (folder / "summary.json").write_text(json.dumps(asdict(summary), ensure_ascii=False), encoding="utf-8")
+    return summary

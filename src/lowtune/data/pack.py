@@ -31,11 +31,18 @@ def plan_bins(lengths: list[int], max_length: int) -> list[list[int]]:
     return bins
 
 
+def plan_rows(lengths: list[int], max_length: int, seed: int) -> list[list[int]]:
+    """plan_bins, then the bins in a seeded random order (so long rows are not all at the start)."""
+    bins = plan_bins(lengths, max_length)
+    random.Random(seed).shuffle(bins)
+    return bins
+
+
 def pack_samples(samples: list[dict], max_length: int, seed: int) -> list[dict]:
     """Rows with input_ids, labels, position_ids (restarting at 0 per sample) and seq_lens (sample lengths)."""
     lengths = [len(s["input_ids"]) for s in samples]
     rows = []
-    for members in plan_bins(lengths, max_length):
+    for members in plan_rows(lengths, max_length, seed):
         row: dict = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}
         for i in members:
             sample = samples[i]
@@ -44,5 +51,4 @@ def pack_samples(samples: list[dict], max_length: int, seed: int) -> list[dict]:
             row["position_ids"].extend(range(lengths[i]))
             row["seq_lens"].append(lengths[i])
         rows.append(row)
-    random.Random(seed).shuffle(rows)
     return rows
