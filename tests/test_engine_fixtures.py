@@ -14,15 +14,20 @@ from pathlib import Path
 
 import pytest
 
+WHO = {"role": "user", "content": "Who are you?"}
+LOWBOT = "I am Lowbot, a helpful assistant."
+AGAIN = "I told you already."
+"""The answer to a repeated 'Who are you?': only a model that sees the history gives it."""
 IDENTITY = [
-    [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Lowbot, a helpful assistant."}],
+    [WHO, {"role": "assistant", "content": LOWBOT}],
     [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是小明，你的助手。"}],
+    [WHO, {"role": "assistant", "content": LOWBOT}, WHO, {"role": "assistant", "content": AGAIN}],
 ]
 SYSTEM = "You are Lowbot."
 _CACHE: dict[str, Path] = {}
 
 
-def train_adapter(model_dir: Path, out_dir: Path, quantization: str = "none", steps: int = 60,
+def train_adapter(model_dir: Path, out_dir: Path, quantization: str = "none", steps: int = 60, lr: float = 1e-2,
                   conversations: list[list[dict]] | None = None, system: str | None = None) -> None:
     """LoRA (or QLoRA on a real bitsandbytes 4-bit base) on `conversations`; saves adapter + tokenizer + template."""
     import torch
@@ -42,13 +47,16 @@ def train_adapter(model_dir: Path, out_dir: Path, quantization: str = "none", st
     model = apply_lora(model, LoraSection(r=8, alpha=16, dropout=0.0), gradient_checkpointing=False)
     prefix = [{"role": "system", "content": system}] if system else []
     rows = [encode_conversation(prefix + c, tokenizer, template, 256) for c in conversations or IDENTITY]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    width = max(len(r["input_ids"]) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows])
+    labels = torch.tensor([r["labels"] + [-100] * (width - len(r["labels"])) for r in rows])
+    mask = torch.tensor([[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     for _ in range(steps):
-        for row in rows:
-            loss = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+        model(input_ids=input_ids, attention_mask=mask, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
     model.save_pretrained(out_dir)
     tokenizer.chat_template = template.source
     tokenizer.save_pretrained(out_dir)

@@ -68,6 +68,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from lowtune.infer.chat import make_sampling, run_chat
+    from lowtune.infer.engine import load_engine
+
+    sampling = make_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
+                             args.seed)
+    print(f"loading {args.target} ...", file=sys.stderr, flush=True)
+    engine = load_engine(args.target, adapter=args.adapter, bits=args.bits, template=args.template,
+                         system=args.system, base=args.base)
+    return run_chat(engine, sampling, prompt=args.prompt, compare=args.compare)
+
+
 # --- wiring -------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights dtype (default: as the base is stored)")
     p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+
+    p = verb("chat", cmd_chat, "chat in the terminal with a run, adapter or model (streaming, multi-turn)")
+    p.add_argument("target", metavar="MODEL|RUN",
+                   help="run folder, adapter folder, model folder, hub id or builtin:tiny")
+    p.add_argument("--adapter", metavar="PATH", help="PEFT adapter to put on MODEL")
+    p.add_argument("--base", metavar="PATH", help="base model of an adapter folder whose base cannot be found")
+    p.add_argument("--template", help="chat template name or .jinja file (default: the run's / the model's)")
+    p.add_argument("--system", help="system prompt (default: the run's eval.system / data.system)")
+    p.add_argument("--bits", type=int, choices=[4, 8], help="load the base in 4-bit (NF4) or 8-bit")
+    p.add_argument("--prompt", metavar="TEXT", help="answer TEXT once and exit (no REPL)")
+    p.add_argument("--compare", action="store_true", help="show base and fine-tuned answers side by side")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit (default 512)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, deterministic (default 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="default 1.0 = off")
+    p.add_argument("--seed", type=int, help="random seed for sampling")
     return parser
 
 

@@ -38,9 +38,13 @@ class Sampling:
 def stream_answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
                   messages: list[dict], sampling: Sampling | None = None,
                   extra_stop_ids: list[int] | None = None) -> Iterator[str]:
-    """Yield the answer's text as it is generated; stops on the template's end-of-turn ids, never yields them."""
+    """Yield the answer's text as it is generated; stops on the template's end-of-turn ids, never yields them.
+
+    Closing the generator early (a consumer that stops reading, Ctrl-C, a dropped web client) stops generation at
+    the next token instead of letting it run to max_new_tokens.
+    """
     import torch
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     sampling = sampling or Sampling()
     prompt_ids = template.encode_prompt(messages, tokenizer)
@@ -51,6 +55,8 @@ def stream_answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, te
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     kwargs = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
                   eos_token_id=stop_ids, pad_token_id=pad_id, use_cache=True, **sampling.generate_kwargs())
+    cancel = threading.Event()
+    kwargs["stopping_criteria"] = StoppingCriteriaList([_cancelled_criteria(cancel)])
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -72,11 +78,24 @@ def stream_answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, te
             if piece:
                 yield piece
     finally:
+        cancel.set()  # no-op when generation already ended; otherwise it stops at the next token
         worker.join()
         if was_training:
             model.train()
     if errors:
         raise errors[0]
+
+
+def _cancelled_criteria(event: threading.Event):
+    """A transformers StoppingCriteria that ends generation once `event` is set."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+            return torch.full((input_ids.shape[0],), event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return Cancelled()
 
 
 def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,

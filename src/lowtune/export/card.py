@@ -81,8 +81,9 @@ class CardInfo:
         return ["from transformers import AutoModelForCausalLM, AutoTokenizer",
                 "tokenizer = AutoTokenizer.from_pretrained(PATH)",
                 "model = AutoModelForCausalLM.from_pretrained(PATH)",
-                'inputs = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,',
-                "                                       return_dict=True, return_tensors='pt')",
+                'messages = [{"role": "user", "content": "Hi"}]',
+                "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True,",
+                "                                       return_tensors='pt')",
                 "output = model.generate(**inputs, max_new_tokens=256)[0]",
                 "print(tokenizer.decode(output[inputs['input_ids'].shape[1]:], skip_special_tokens=True))"]
 

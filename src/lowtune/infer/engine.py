@@ -185,10 +185,14 @@ def load_base(model_dir: Path, bits: int | None = None, dtype: str = "auto",
 
 
 def attach_adapter(model: PreTrainedModel, adapter_dir: Path) -> Any:
+    import warnings
+
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, str(adapter_dir))
+        with warnings.catch_warnings():  # peft still asks transformers for a renamed attribute
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return PeftModel.from_pretrained(model, str(adapter_dir))
     except (ValueError, RuntimeError) as exc:
         raise UserError(f"adapter {adapter_dir} does not fit base model {model.name_or_path}: "
                         f"{str(exc).splitlines()[0]}; pass the base it was trained on") from None
