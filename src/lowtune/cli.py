@@ -55,6 +55,15 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return run_doctor(timeout=args.timeout)
 
 
+def cmd_download(args: argparse.Namespace) -> int:
+    from lowtune.models.download import download
+
+    folder = download(args.repo_id, hub=args.hub, revision=args.revision, out_dir=args.output,
+                      repo_type="dataset" if args.dataset else "model")
+    print(f"downloaded {args.repo_id} -> {folder}")
+    return 0
+
+
 # --- after training -----------------------------------------------------------------------------------------------
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -95,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("doctor", cmd_doctor, "versions, GPU/VRAM/bf16, 4-bit self-test, hub reachability, offline state")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per hub reachability check (default 3)")
+
+    p = verb("download", cmd_download, "fetch a model (or --dataset) from Hugging Face or ModelScope; resumes")
+    p.add_argument("repo_id", metavar="ID", help="hub id, e.g. Shanghai_AI_Laboratory/internlm-chat-7b")
+    p.add_argument("--hub", choices=["auto", "hf", "modelscope"], default="auto",
+                   help="auto (default) tries the reachable hubs, Hugging Face first")
+    p.add_argument("--revision", help="branch, tag or commit (e.g. v1.0.3)")
+    p.add_argument("-o", "--output", metavar="DIR", help="folder to fill (default: the hub client's cache)")
+    p.add_argument("--dataset", action="store_true", help="ID names a dataset repo")
 
     p = verb("list", cmd_list, "list the recipes shipped with lowtune")
     p.add_argument("pattern", nargs="?", help="only names containing this text")

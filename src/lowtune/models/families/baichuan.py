@@ -1,0 +1,94 @@
+"""Baichuan-7B and Baichuan2-7B -> Llama: packed `W_pack` splits into q/k/v; Baichuan2's NormHead is normalised once.
+
+Published layout (`modeling_baichuan.py`, 7B sizes): Llama names except `self_attn.W_pack` (hidden -> 3*hidden,
+q, k, v in that order, no bias), RoPE with base 10000. Baichuan2's head is a `NormHead`: at inference it multiplies
+by the row-normalised weight (`F.normalize(weight)`), so writing the normalised rows into a plain `lm_head` gives the
+same logits. In training the original renormalises every step; with the head frozen (LoRA/QLoRA) that is the same,
+a full fine-tune that updates the head trains a plain head from there on. The 13B sizes use ALiBi attention
+instead of RoPE, which no transformers Llama-style class has, so they load only through their remote code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from lowtune.errors import UserError
+from lowtune.models.families.base import Family
+from lowtune.models.families.internlm import special_map, tokenizer_config_of
+from lowtune.models.families.spm import save_native_tokenizer
+
+BAICHUAN2_VOCAB = 125696
+
+
+def _modeling_source(folder: Path) -> str:
+    path = folder / "modeling_baichuan.py"
+    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+
+
+def uses_alibi(config: dict, folder: Path) -> bool:
+    source = _modeling_source(folder)
+    if source:
+        return "alibi" in source.lower()
+    return "max_position_embeddings" not in config  # the 13B configs only carry model_max_length
+
+
+def has_norm_head(config: dict, folder: Path) -> bool:
+    source = _modeling_source(folder)
+    if source:
+        return "NormHead" in source
+    return config.get("vocab_size") == BAICHUAN2_VOCAB
+
+
+class Baichuan(Family):
+    name = "baichuan"
+    model_types = ("baichuan",)
+    remote_needs = "transformers 4.29-4.33 (its tokenizer fails from 4.34)"
+
+    def not_exact(self, config: dict, folder: Path) -> str | None:
+        if uses_alibi(config, folder):
+            return "the 13B models use ALiBi attention instead of rotary embeddings"
+        return None
+
+    def native_config(self, config: dict, folder: Path) -> Any:
+        from transformers import LlamaConfig
+
+        heads = config["num_attention_heads"]
+        return LlamaConfig(
+            vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=heads, hidden_act=config.get("hidden_act", "silu"),
+            max_position_embeddings=config.get("max_position_embeddings", 4096),
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6), initializer_range=config.get("initializer_range", 0.02),
+            attention_bias=False, mlp_bias=False, tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            bos_token_id=config.get("bos_token_id", 1), eos_token_id=config.get("eos_token_id", 2),
+            pad_token_id=config.get("pad_token_id", 0),
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            dtype=config.get("torch_dtype"), architectures=["LlamaForCausalLM"])
+
+    def marker(self, config: dict, folder: Path) -> str:
+        return "baichuan2" if has_norm_head(config, folder) else "baichuan"
+
+    def map_tensor(self, name: str, tensor, config: dict) -> Iterable[tuple[str, Any]]:
+        if name.endswith("self_attn.W_pack.weight"):
+            base = name[: -len("W_pack.weight")]
+            q, k, v = tensor.chunk(3, dim=0)
+            return [(f"{base}q_proj.weight", q), (f"{base}k_proj.weight", k), (f"{base}v_proj.weight", v)]
+        if name == "lm_head.weight" and has_norm_head(config, Path(config["_lowtune_folder"])):
+            import torch
+
+            return [(name, torch.nn.functional.normalize(tensor.float(), dim=-1).to(tensor.dtype))]
+        if name.endswith("rotary_emb.inv_freq"):
+            return []
+        return [(name, tensor)]
+
+    def write_tokenizer(self, folder: Path, out_dir: Path, config: dict) -> list[int]:
+        model_file = folder / "tokenizer.model"
+        if not model_file.is_file():
+            raise UserError(f"{folder} has no tokenizer.model (Baichuan ships a SentencePiece model)")
+        source = tokenizer_config_of(folder)
+        save_native_tokenizer(model_file, out_dir, special_map(source), prepend="always",
+                              add_bos=source.get("add_bos_token", False),
+                              add_eos=source.get("add_eos_token", False))
+        return []

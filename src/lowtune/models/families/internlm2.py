@@ -1,0 +1,114 @@
+"""InternLM2 / InternLM2.5 -> Llama: packed `wqkv` split per KV group, renamed blocks, same RoPE.
+
+Published layout (`modeling_internlm2.py`): `model.tok_embeddings`, per layer `attention.wqkv` (rows grouped as
+[kv_head][q_0 .. q_{g-1}, k, v][head_dim], g = heads / kv_heads), `attention.wo`, `feed_forward.w1/w3/w2`
+(gate/up/down), `attention_norm`, `ffn_norm`, then `model.norm` and `output`. Query head h*g+j uses KV head h,
+which is exactly how transformers' repeat_kv pairs heads, so the split is exact. `rope_scaling`
+{type: linear|dynamic, factor} maps to transformers' rope types of the same name.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from lowtune.errors import UserError
+from lowtune.models.families.base import Family
+from lowtune.models.families.internlm import special_map, tokenizer_config_of, spm_stop_ids
+from lowtune.models.families.spm import save_native_tokenizer
+
+RENAMES = {
+    "model.tok_embeddings.weight": "model.embed_tokens.weight",
+    "output.weight": "lm_head.weight",
+    "model.norm.weight": "model.norm.weight",
+}
+LAYER_RENAMES = {
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+STOP_PIECES = ("<|im_end|>",)
+
+
+def split_wqkv(tensor, config: dict) -> tuple[Any, Any, Any]:
+    """q, k, v rows of a packed wqkv weight (out x in) or bias (out)."""
+    heads, kv = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = config["hidden_size"] // heads
+    groups = heads // kv
+    packed = tensor.reshape(kv, groups + 2, head_dim, *tensor.shape[1:])
+    rest = tensor.shape[1:]
+    q = packed[:, :groups].reshape(heads * head_dim, *rest)
+    k = packed[:, groups].reshape(kv * head_dim, *rest)
+    v = packed[:, groups + 1].reshape(kv * head_dim, *rest)
+    return q, k, v
+
+
+def rope_parameters(config: dict) -> dict:
+    theta = float(config.get("rope_theta", 10000.0))
+    scaling = config.get("rope_scaling")
+    if not scaling:
+        return {"rope_type": "default", "rope_theta": theta}
+    kind = scaling.get("type") or scaling.get("rope_type")
+    if kind not in ("linear", "dynamic"):
+        raise UserError(f"config.json: rope_scaling.type '{kind}' is not one InternLM2's code knows")
+    return {"rope_type": kind, "rope_theta": theta, "factor": float(scaling["factor"])}
+
+
+class InternLM2(Family):
+    name = "internlm2"
+    model_types = ("internlm2",)
+
+    def native_config(self, config: dict, folder: Path) -> Any:
+        from transformers import LlamaConfig
+
+        heads = config["num_attention_heads"]
+        return LlamaConfig(
+            vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=heads, num_key_value_heads=config.get("num_key_value_heads") or heads,
+            hidden_act=config.get("hidden_act", "silu"),
+            max_position_embeddings=config.get("max_position_embeddings", 2048),
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6), initializer_range=config.get("initializer_range", 0.02),
+            attention_bias=bool(config.get("bias", False)), mlp_bias=False,
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            bos_token_id=config.get("bos_token_id", 1), eos_token_id=config.get("eos_token_id", 2),
+            pad_token_id=config.get("pad_token_id", 0), rope_parameters=rope_parameters(config),
+            dtype=config.get("torch_dtype"), architectures=["LlamaForCausalLM"])
+
+    def map_tensor(self, name: str, tensor, config: dict) -> Iterable[tuple[str, Any]]:
+        if name in RENAMES:
+            return [(RENAMES[name], tensor)]
+        prefix, _, rest = name.partition(".layers.")
+        index, _, leaf = rest.partition(".")
+        base = f"model.layers.{index}"
+        if leaf.startswith("attention.wqkv."):
+            kind = leaf.rsplit(".", 1)[1]
+            q, k, v = split_wqkv(tensor, config)
+            return [(f"{base}.self_attn.q_proj.{kind}", q), (f"{base}.self_attn.k_proj.{kind}", k),
+                    (f"{base}.self_attn.v_proj.{kind}", v)]
+        for old, new in LAYER_RENAMES.items():
+            if leaf.startswith(old + "."):
+                return [(f"{base}.{new}{leaf[len(old):]}", tensor)]
+        if leaf.endswith("rotary_emb.inv_freq"):
+            return []
+        raise UserError(f"unexpected InternLM2 tensor '{name}'; is this an InternLM2 checkpoint?")
+
+    def write_tokenizer(self, folder: Path, out_dir: Path, config: dict) -> list[int]:
+        model_file = folder / "tokenizer.model"
+        if not model_file.is_file():
+            raise UserError(f"{folder} has no tokenizer.model (InternLM2 ships a SentencePiece model)")
+        source = tokenizer_config_of(folder)
+        added = {int(i): (t["content"] if isinstance(t, dict) else t)
+                 for i, t in (source.get("added_tokens_decoder") or {}).items()}
+        special = {(t["content"] if isinstance(t, dict) else t)
+                   for t in (source.get("added_tokens_decoder") or {}).values()
+                   if not isinstance(t, dict) or t.get("special", True)}
+        save_native_tokenizer(model_file, out_dir, special_map(source), prepend="always", extra_added=added,
+                              special=special, add_bos=source.get("add_bos_token", True),
+                              add_eos=source.get("add_eos_token", False))
+        return spm_stop_ids(model_file, STOP_PIECES)
