@@ -89,6 +89,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(engine, sampling, prompt=args.prompt, compare=args.compare)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lowtune.infer.chat import make_sampling
+    from lowtune.infer.engine import load_engine
+    from lowtune.infer.evaluate import eval_output_path, evaluate, show_report, write_report
+
+    path = eval_output_path(args.target, args.output)
+    print(f"loading {args.target} ...", file=sys.stderr, flush=True)
+    engine = load_engine(args.target, adapter=args.adapter, bits=args.bits, template=args.template,
+                         system=args.system)
+    report = evaluate(engine, args.data, args.n, make_sampling(args.max_new_tokens), args.max_length,
+                      with_base=not args.no_base)
+    write_report(report, path)
+    show_report(report, path)
+    return 0
+
+
 # --- wiring -------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="default 1.0 = off")
     p.add_argument("--seed", type=int, help="random seed for sampling")
+
+    p = verb("eval", cmd_eval, "loss / perplexity and sample answers on a test split (writes RUN/eval.json)")
+    p.add_argument("target", metavar="RUN", help="run folder (or a model folder with -o)")
+    p.add_argument("--data", required=True, metavar="FILE", help="test split, any supported data format")
+    p.add_argument("-n", type=int, default=5, help="sample answers shown beside their references (default 5)")
+    p.add_argument("-o", "--output", metavar="FILE", help="report file (default RUN/eval.json)")
+    p.add_argument("--adapter", metavar="PATH", help="PEFT adapter to put on the model")
+    p.add_argument("--bits", type=int, choices=[4, 8], help="load the base in 4-bit (NF4) or 8-bit")
+    p.add_argument("--template", help="chat template override")
+    p.add_argument("--system", help="system prompt for conversations without one (default: the run's)")
+    p.add_argument("--max-length", type=int, help="truncate conversations (default: the run's data.max_length)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="sample answer length limit (default 256)")
+    p.add_argument("--no-base", action="store_true", help="skip the base model's loss")
     return parser
 
 

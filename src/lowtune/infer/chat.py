@@ -73,12 +73,13 @@ def stream_to(out: TextIO, pieces: Iterable[str]) -> str:
 def render_compare(out: TextIO, base: str, tuned: str) -> None:
     """Base and fine-tuned answers side by side, each column wrapping its own text."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(expand=True, show_lines=False)
     table.add_column("base", ratio=1, overflow="fold")
     table.add_column("fine-tuned", ratio=1, overflow="fold")
-    table.add_row(base, tuned)
+    table.add_row(escape(base), escape(tuned))  # model text is shown as is, never read as markup
     Console(file=out).print(table)
 
 

@@ -236,6 +236,8 @@ class ChatEngine:
     """Extra stop ids (generation_config.json); the template's own end-of-turn ids are always added."""
     adapter_dir: Path | None = None
     model_dir: Path | None = None
+    config: Config | None = None
+    """The run's resolved config when the target was a run folder (or an adapter inside one)."""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -300,4 +302,4 @@ def load_engine(target: str, adapter: str | None = None, bits: int | None = None
     model.eval()
     return ChatEngine(name=source.name, model=model, tokenizer=tokenizer, template=chat_template,
                       default_system=system if system is not None else source.default_system,
-                      stop_ids=stop_ids, adapter_dir=source.adapter_dir, model_dir=model_dir)
+                      stop_ids=stop_ids, adapter_dir=source.adapter_dir, model_dir=model_dir, config=source.config)
