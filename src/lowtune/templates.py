@@ -62,6 +62,8 @@ FAMILY_TEMPLATES = {
     "internlm": "internlm_chat",
     "internlm2": "internlm2_chat",
     "qwen": "qwen_chat",
+    "baichuan": "baichuan_chat",
+    "baichuan2": "baichuan2_chat",
 }
 
 GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
