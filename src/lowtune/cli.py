@@ -105,6 +105,72 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- data ---------------------------------------------------------------------------------------------------------
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    from lowtune.data.convert import convert_file, parse_mapping
+
+    report = convert_file(Path(args.src), Path(args.output), args.format, args.sheet, parse_mapping(args.map),
+                          args.system, args.strict)
+    print(report.describe())
+    print(f"wrote {args.output} ({report.converted} conversations)")
+    return 0
+
+
+def cmd_data_identity(args: argparse.Namespace) -> int:
+    from lowtune.data.formats import write_jsonl
+    from lowtune.data.identity import identity_conversations, mix_general
+
+    if (args.mix is None) != (args.ratio is None):
+        raise UserError("--mix FILE and --ratio R go together (e.g. --mix data/general.jsonl --ratio 0.2)")
+    conversations = identity_conversations(args.name, args.author, args.lang, args.repeat, args.seed)
+    note = ""
+    if args.mix:
+        conversations, kept = mix_general(conversations, Path(args.mix), args.ratio, args.seed)
+        note = f" ({kept} identity + {len(conversations) - kept} from {args.mix})"
+    count = write_jsonl(Path(args.output), conversations)
+    print(f"wrote {args.output}: {count} conversations{note}")
+    return 0
+
+
+def cmd_data_split(args: argparse.Namespace) -> int:
+    from lowtune.data.split import split_file
+
+    train_path, test_path, n_train, n_test = split_file(Path(args.input), args.train, args.seed)
+    print(f"wrote {train_path} ({n_train}) and {test_path} ({n_test}); train = floor(n × {args.train}), seed {args.seed}")
+    return 0
+
+
+def cmd_data_preview(args: argparse.Namespace) -> int:
+    from lowtune.data.formats import ReadReport
+    from lowtune.data.preview import collect, header, load_tokenizer_and_template, plain_text, plan_preview
+
+    plan = plan_preview(args.source, args.model, args.template, args.max_length)
+    tokenizer, template = load_tokenizer_and_template(plan.model, plan.template)
+    report = ReadReport()
+    shown, stats = collect(plan.paths, tokenizer, template, args.n, plan.max_length, plan.fmt, plan.system, report)
+    color = sys.stdout.isatty() and not args.no_color
+    if color:
+        from rich.console import Console
+        from rich.text import Text
+
+        console = Console(highlight=False)
+    for number, sample in enumerate(shown, 1):
+        print(header(sample, number, plan.max_length))
+        if color:
+            console.print(Text.assemble(*((t, "bold green" if trained else "") for t, trained in sample.pieces)))
+        else:
+            print(plain_text(sample))
+    print(f"── template {template.name}, model {plan.model}; trained spans "
+          + ("in green" if color else "between ⟦ ⟧"))
+    print(stats.describe(plan.max_length))
+    if report.skipped or report.notes:
+        print(report.describe())
+    if plan.note:
+        print(f"note: {plan.note}")
+    return 0
+
+
 # --- wiring -------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +241,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="truncate conversations (default: the run's data.max_length)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="sample answer length limit (default 256)")
     p.add_argument("--no-base", action="store_true", help="skip the base model's loss")
+
+    data = sub.add_parser("data", help="datasets: convert, identity, split, preview",
+                          description="datasets: convert any format to canonical JSONL, make self-cognition data, "
+                                      "split, preview what trains")
+    data.set_defaults(handler=lambda _: data.print_help())
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+
+    def data_verb(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        d = data_sub.add_parser(name, help=help_text, description=help_text)
+        d.set_defaults(handler=handler)
+        return d
+
+    d = data_verb("convert", cmd_data_convert, "any supported source -> canonical messages JSONL")
+    d.add_argument("src", metavar="SRC", help="JSON/JSONL file, .txt, .xlsx/.csv, or a saved dataset folder")
+    d.add_argument("-o", "--output", required=True, metavar="OUT", help="JSONL file to write")
+    d.add_argument("--format", default="auto",
+                   choices=["auto", "xtuner", "messages", "alpaca", "sharegpt", "guanaco", "msagent", "text"],
+                   help="input layout (default: detected per record)")
+    d.add_argument("--sheet", help="spreadsheet sheet name (default: the first sheet)")
+    d.add_argument("--map", nargs="+", metavar="KEY=COL",
+                   help="spreadsheet columns: input=COL output=COL [system=COL]; COL = header or letter (A, D)")
+    d.add_argument("--system", help="system prompt for conversations that have none")
+    d.add_argument("--strict", action="store_true", help="stop with an error at the first unconvertible record")
+
+    d = data_verb("identity", cmd_data_identity, "self-cognition data: paraphrased questions and answers")
+    d.add_argument("--name", required=True, help="the name the model should give itself")
+    d.add_argument("--author", help="who made it (answers mention them)")
+    d.add_argument("--lang", choices=["zh", "en", "both"], default="zh", help="language of the data (default zh)")
+    d.add_argument("--repeat", type=int, default=5, help="times each question appears, with varied answers (default 5)")
+    d.add_argument("--mix", metavar="FILE", help="general conversations to mix in against over-fitting")
+    d.add_argument("--ratio", type=float, metavar="R", help="share of identity conversations with --mix, e.g. 0.2")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    d.add_argument("-o", "--output", required=True, metavar="OUT", help="JSONL file to write")
+
+    d = data_verb("split", cmd_data_split, "write <stem>.train.jsonl and <stem>.test.jsonl next to IN")
+    d.add_argument("input", metavar="IN", help="dataset file")
+    d.add_argument("--train", type=float, required=True, metavar="FRAC", help="share for training, e.g. 0.7")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+    d = data_verb("preview", cmd_data_preview, "rendered samples with trained spans marked, and length statistics")
+    d.add_argument("source", metavar="FILE|CONFIG", help="dataset file, config YAML or recipe name")
+    d.add_argument("--model", metavar="M", help="tokenizer source: folder, hub id or builtin:tiny (default: "
+                                                "the config's model, else builtin:tiny)")
+    d.add_argument("--template", metavar="T", help="chat template name or .jinja file (default auto)")
+    d.add_argument("-n", type=int, default=2, help="conversations to show (default 2)")
+    d.add_argument("--max-length", type=int, metavar="L", help="truncation length to check (default: config's / 2048)")
+    d.add_argument("--no-color", action="store_true", help="markers instead of colour even on a terminal")
     return parser
 
 

@@ -259,7 +259,7 @@ def detect(record: Any) -> str:
 
 
 def convert_record(record: Any, fmt: str = "auto", report: ReadReport | None = None,
-                   where: str = "") -> list[dict]:
+                   where: str = "", label: str | None = None) -> list[dict]:
     """One record -> canonical messages. Raises SkipRecord with the reason when it cannot be converted."""
     kind = detect(record) if fmt == "auto" else fmt
     if not isinstance(record, dict):
@@ -271,7 +271,7 @@ def convert_record(record: Any, fmt: str = "auto", report: ReadReport | None = N
     else:
         messages = CONVERTERS[kind](record)
     if report is not None:
-        report.formats[kind] = report.formats.get(kind, 0) + 1
+        report.formats[label or kind] = report.formats.get(label or kind, 0) + 1
     return messages
 
 
@@ -339,12 +339,13 @@ def read_conversations(path: str | Path, fmt: str = "auto", report: ReadReport |
     if fmt not in FORMATS:
         raise UserError(f"unknown data format '{fmt}'; choose one of: {', '.join(FORMATS)}")
     report = report if report is not None else ReadReport()
+    label = "spreadsheet" if Path(path).suffix.lower() in SPREADSHEET_SUFFIXES else None
     for where, record in iter_records(Path(path), sheet, mapping, system):
         report.read += 1
         try:
             if isinstance(record, SkipRecord):
                 raise record
-            messages = convert_record(record, fmt, report, where)
+            messages = convert_record(record, fmt, report, where, label)
         except SkipRecord as exc:
             report.skip(where, str(exc))
             continue

@@ -39,8 +39,11 @@ def dataset_folder_records(path: Path) -> Iterator[tuple[str, Any]]:
         kinds = {BUILDERS[p.suffix] for p in chosen}
         if len(kinds) > 1:
             raise UserError(f"{path} mixes {', '.join(sorted(kinds))} files; give one file or one kind")
-        dataset, split = _pick_split(datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in chosen],
-                                                           split="train"), path)
+        from lowtune.data.cache import lowtune_home
+
+        loaded = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in chosen], split="train",
+                                       cache_dir=str(lowtune_home() / "cache" / "datasets"))
+        dataset, split = _pick_split(loaded, path)
     label = f"{path}[{split}]" if split else str(path)
     for n, row in enumerate(dataset, 1):
         yield f"{label} row {n}", row

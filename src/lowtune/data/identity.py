@@ -138,12 +138,11 @@ def identity_conversations(name: str, author: str | None = None, lang: str = "zh
     rng = random.Random(seed)
     out = []
     for code in LANGS[lang]:
-        answers = list(ANSWERS[code])
-        if author:
-            answers = AUTHOR_ANSWERS[code] * 2 + answers  # most answers name the author when there is one
         for _ in range(repeat):
             for question in QUESTIONS[code]:
-                answer = rng.choice(answers).format(name=name, author=author or "")
+                # with an author, two answers in three name them
+                pool = AUTHOR_ANSWERS[code] if author and rng.random() < 2 / 3 else ANSWERS[code]
+                answer = rng.choice(pool).format(name=name, author=author or "")
                 out.append([{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
     rng.shuffle(out)
     return out
