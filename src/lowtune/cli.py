@@ -84,8 +84,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
     sampling = make_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.repetition_penalty,
                              args.seed)
     print(f"loading {args.target} ...", file=sys.stderr, flush=True)
+    if args.agent and args.compare:
+        raise UserError("--agent and --compare do not go together; pick one")
     engine = load_engine(args.target, adapter=args.adapter, bits=args.bits, template=args.template,
                          system=args.system, base=args.base)
+    if args.agent:
+        from lowtune.infer.agent import run_agent_chat
+        from lowtune.infer.tools import default_tools
+
+        tools = default_tools(serper_url=args.serper_url, python_timeout=args.python_timeout)
+        if "web_search" not in {tool.name for tool in tools}:
+            print("note: SERPER_API_KEY is not set, so web search is off (get a key at serper.dev)", file=sys.stderr)
+        return run_agent_chat(engine, sampling, tools, prompt=args.prompt, max_steps=args.max_steps)
     return run_chat(engine, sampling, prompt=args.prompt, compare=args.compare)
 
 
@@ -228,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="default 1.0 = off")
     p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--agent", action="store_true",
+                   help="ReAct agent (MS-Agent format) with web search (SERPER_API_KEY), Python and a calculator")
+    p.add_argument("--max-steps", type=int, default=5, help="agent: tool calls per question (default 5)")
+    p.add_argument("--serper-url", metavar="URL", help="agent: search API base URL (default $LOWTUNE_SERPER_URL "
+                                                        "or https://google.serper.dev)")
+    p.add_argument("--python-timeout", type=float, default=10.0, help="agent: seconds per Python run (default 10)")
 
     p = verb("eval", cmd_eval, "loss / perplexity and sample answers on a test split (writes RUN/eval.json)")
     p.add_argument("target", metavar="RUN", help="run folder (or a model folder with -o)")

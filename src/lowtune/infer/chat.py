@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import Any, TextIO
 
 from lowtune.errors import UserError
 from lowtune.generation import Sampling
@@ -127,14 +127,17 @@ class ChatSession:
             return
         self.tuned.add(text, answer)
 
+    def reset(self) -> None:
+        self.tuned.clear()
+        self.base.clear()
+
     def command(self, line: str) -> bool | None:
         """Handle a REPL command: True = quit, False = handled, None = not a command (a message)."""
         text = line.strip()
         if text in EXIT_WORDS:
             return True
         if text in CLEAR_WORDS:
-            self.tuned.clear()
-            self.base.clear()
+            self.reset()
             self.out.write("(conversation cleared)\n")
             return False
         if text == "/system" or text.startswith("/system "):
@@ -154,13 +157,16 @@ def banner(engine: ChatEngine, compare: bool) -> str:
     return f"{engine.name} · template {engine.template.name} · {tuned}{mode}\n{HELP}\n"
 
 
-def repl(session: ChatSession, read: Callable[[str], str] = input) -> int:
-    """The interactive loop: read a line, run a command or answer it, until /exit or Ctrl-D."""
+def repl(session: ChatSession | Any, banner_text: str, read: Callable[[str], str] = input) -> int:
+    """The interactive loop: read a line, run a command or answer it, until /exit or Ctrl-D.
+
+    `session` is a ChatSession or anything with the same `out`, `command(line)` and `ask(text)` (the agent's).
+    """
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    session.out.write(banner(session.engine, session.compare))
+    session.out.write(banner_text)
     while True:
         try:
             line = read(">>> ")
@@ -177,7 +183,7 @@ def repl(session: ChatSession, read: Callable[[str], str] = input) -> int:
             session.ask(line.strip())
 
 
-def answer_lines(session: ChatSession, lines: Iterable[str]) -> int:
+def answer_lines(session: ChatSession | Any, lines: Iterable[str]) -> int:
     """Piped input: every non-empty line is its own question; the answers follow in order."""
     for line in lines:
         text = line.strip()
@@ -185,8 +191,7 @@ def answer_lines(session: ChatSession, lines: Iterable[str]) -> int:
             continue
         if session.command(text) is True:
             break
-        session.tuned.clear()
-        session.base.clear()
+        session.reset()
         session.ask(text)
     return 0
 
@@ -200,7 +205,7 @@ def run_chat(engine: ChatEngine, sampling: Sampling, prompt: str | None = None, 
         session.ask(prompt)
         return 0
     if stdin.isatty():
-        return repl(session)
+        return repl(session, banner(engine, compare))
     return answer_lines(session, stdin)
 
 
