@@ -99,6 +99,46 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(engine, sampling, prompt=args.prompt, compare=args.compare)
 
 
+def _engine_for(args: argparse.Namespace):
+    from lowtune.infer.engine import load_engine
+
+    print(f"loading {args.target} ...", file=sys.stderr, flush=True)
+    return load_engine(args.target, template=args.template, system=args.system)
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    from lowtune.infer.web import resolve_address, run_web
+
+    host, port = resolve_address(args.host, args.port)
+    run_web(_engine_for(args), host, port)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lowtune.infer.serve import check_port, resolve_api_key, serve
+
+    key = resolve_api_key(args.api_key)
+    check_port(args.host, args.port)
+    serve(_engine_for(args), host=args.host, port=args.port, api_key=key)
+    return 0
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from lowtune.export.upload import upload
+
+    print(upload(args.dir, args.to, args.repo, private=args.private, token=args.token, dry_run=args.dry_run))
+    return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from lowtune.export.deploy import deploy
+
+    result = deploy(args.dir, args.target, args.output, repo=args.repo, force=args.force)
+    print(f"wrote {result.out_dir}/: {', '.join(result.files)} (model {result.model_id}, stop ids {result.stop_ids})")
+    print(f"run it here: cd {result.out_dir} && python app.py   (README.md says how to publish it)")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from lowtune.infer.chat import make_sampling
     from lowtune.infer.engine import load_engine
@@ -238,6 +278,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="default 1.0 = off")
     p.add_argument("--seed", type=int, help="random seed for sampling")
+
+    p = verb("web", cmd_web, "browser chat (Gradio) with system prompt and sampling controls; local only")
+    p.add_argument("target", metavar="MODEL|RUN", help="run folder, adapter folder, model folder, hub id or builtin:NAME")
+    p.add_argument("--host", help="address to listen on (default $GRADIO_SERVER_NAME or 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default $GRADIO_SERVER_PORT or 6006)")
+    p.add_argument("--template", help="chat template name or .jinja file (default: the run's / the model's)")
+    p.add_argument("--system", help="default system prompt (editable on the page)")
+
+    p = verb("serve", cmd_serve, "OpenAI-compatible HTTP API: /v1/chat/completions (streaming too), /v1/models")
+    p.add_argument("target", metavar="MODEL|RUN", help="run folder, adapter folder, model folder, hub id or builtin:NAME")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' (default $LOWTUNE_API_KEY; none when unset)")
+    p.add_argument("--template", help="chat template name or .jinja file (default: the run's / the model's)")
+    p.add_argument("--system", help="system prompt used when a request has none")
+
+    p = verb("upload", cmd_upload, "publish a model, adapter or run to Hugging Face, ModelScope or OpenXLab")
+    p.add_argument("dir", metavar="DIR", help="model folder, adapter folder or run folder (its adapter)")
+    p.add_argument("--to", required=True, choices=["hf", "modelscope", "openxlab"], help="which hub")
+    p.add_argument("--repo", required=True, metavar="ID", help="repository id, owner/name")
+    p.add_argument("--private", action="store_true", help="create the repository private")
+    p.add_argument("--token", help="access token (default: $HF_TOKEN / $MODELSCOPE_API_TOKEN or the saved login)")
+    p.add_argument("--dry-run", action="store_true", help="list every file, its size and where it would go; "
+                                                          "upload and write nothing")
+
+    p = verb("deploy", cmd_deploy, "a runnable Gradio app folder for OpenXLab or a Hugging Face Space")
+    p.add_argument("dir", metavar="MODEL|RUN", help="model folder, adapter folder or run folder")
+    p.add_argument("--target", required=True, choices=["openxlab", "hf-space"], help="where the app will run")
+    p.add_argument("-o", "--output", required=True, metavar="APPDIR", help="folder to write the app into")
+    p.add_argument("--repo", metavar="ID", help="hub repo the app loads (default: this local folder)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty APPDIR")
     p.add_argument("--agent", action="store_true",
                    help="ReAct agent (MS-Agent format) with web search (SERPER_API_KEY), Python and a calculator")
     p.add_argument("--max-steps", type=int, default=5, help="agent: tool calls per question (default 5)")

@@ -1,0 +1,237 @@
+"""`lowtune serve` for real: the CLI starts uvicorn on loopback, the official `openai` client talks to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+KEY = "sk-lowtune-test"
+MODEL = "builtin:micro"
+HI = [{"role": "user", "content": "Who are you?"}]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"server did not answer {url} in {timeout}s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, micro_dir):
+    """`lowtune serve builtin:micro --api-key KEY` in a subprocess (default host), for the whole module."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, "LOWTUNE_API_KEY": ""}
+    env.pop("LOWTUNE_API_KEY")
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "lowtune.cli", "serve", MODEL, "--port", str(port),
+                                 "--api-key", KEY], stdout=out, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{base}/health", proc, log)
+        yield {"base": base, "port": port, "log": log}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server['base']}/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def listening_addresses(port: int) -> list[str]:
+    """Local addresses of LISTEN sockets on `port`, read from /proc/net/tcp and tcp6."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            address, state = fields[1], fields[3]
+            host_hex, port_hex = address.split(":")
+            if int(port_hex, 16) == port and state == "0A":
+                found.append(socket.inet_ntoa(bytes.fromhex(host_hex)[::-1]) if len(host_hex) == 8 else host_hex)
+    return found
+
+
+def test_binds_to_loopback_by_default_and_says_how_to_call_it(server):
+    assert listening_addresses(server["port"]) == ["127.0.0.1"]
+    out = server["log"].read_text()
+    assert f"serving {MODEL} at http://127.0.0.1:{server['port']}/v1" in out
+    assert "key: required" in out and KEY not in out  # the key itself is never printed
+
+
+def test_health_and_models(server, client):
+    assert httpx.get(f"{server['base']}/health").json()["status"] == "ok"
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+def test_answer_streamed_and_not_agree_and_count_tokens(client):
+    whole = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=12, temperature=0)
+    text = whole.choices[0].message.content
+    assert text and whole.choices[0].message.role == "assistant"
+    usage = whole.usage
+    assert usage.prompt_tokens > 5 and 1 <= usage.completion_tokens <= 12
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+    stream = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) >= 2  # tokens arrive as separate server-sent events
+    assert "".join(deltas).strip() == text  # one code path: greedy answers are identical
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.model_dump() == usage.model_dump()
+
+
+def test_finish_reason_length_and_stop_strings(client):
+    short = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=3, temperature=0)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    full = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=16, temperature=0)
+    text = full.choices[0].message.content
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    cut = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].finish_reason == "stop"
+    assert stop not in cut.choices[0].message.content
+    assert text.startswith(cut.choices[0].message.content)
+
+
+def test_bad_or_missing_key_is_401(server):
+    bad = openai.OpenAI(base_url=f"{server['base']}/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as err:
+        bad.chat.completions.create(model=MODEL, messages=HI, max_tokens=2)
+    assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    # no key at all, and the key is checked before the body is even parsed
+    response = httpx.post(f"{server['base']}/v1/chat/completions", content=b"{not json")
+    assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_api_key"
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{server['base']}/health").status_code == 200  # health needs no key
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+    ({"temperature": 7}, "temperature"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 100_000}, "max_tokens"),
+    ({"n": 2}, "n"),
+    ({"messages": HI * 300}, "messages"),
+])
+def test_bad_body_is_400_openai_style(client, change, param):
+    body = {"model": MODEL, "messages": HI, "max_tokens": 4, **change}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**body)
+    error = err.value.body
+    assert err.value.status_code == 400
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_invalid_json_and_unknown_model(server, client):
+    response = httpx.post(f"{server['base']}/v1/chat/completions", content=b"{not json",
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "invalid_json"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=2)
+    assert err.value.body["code"] == "model_not_found" and MODEL in err.value.body["message"]
+
+
+def test_oversized_request_is_413(server, client):
+    huge = [{"role": "user", "content": "x" * (2 << 20)}]
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(model=MODEL, messages=huge, max_tokens=2)
+    assert err.value.status_code == 413 and err.value.body["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: the limit is enforced while the body streams in
+        yield b'{"model": "builtin:micro", "messages": [{"role": "user", "content": "'
+        for _ in range(40):
+            yield b"y" * 65536
+        yield b'"}]}'
+
+    response = httpx.post(f"{server['base']}/v1/chat/completions", content=chunked(),
+                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+def test_context_overflow_is_400(client):
+    long = [{"role": "user", "content": " ".join(["word"] * 3000)}]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=long, max_tokens=16)
+    assert err.value.body["code"] == "context_length_exceeded"
+
+
+def test_64_concurrent_clients_all_answered(server, client):
+    """Load test: 64 clients at once, half streaming; the model serialises them, none fails."""
+
+    def one(i: int) -> tuple[float, str]:
+        own = openai.OpenAI(base_url=f"{server['base']}/v1", api_key=KEY, max_retries=0, timeout=300)
+        started = time.perf_counter()
+        messages = [{"role": "user", "content": f"Question number {i}?"}]
+        if i % 2:
+            parts = [c.choices[0].delta.content or "" for c in own.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=8, temperature=0.7, seed=i, stream=True) if c.choices]
+            text = "".join(parts)
+        else:
+            text = own.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0.7,
+                                               seed=i).choices[0].message.content
+        return time.perf_counter() - started, text
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        results = list(pool.map(one, range(64)))
+    wall = time.perf_counter() - started
+    latencies = sorted(seconds for seconds, _ in results)
+    assert len(results) == 64 and all(text for _, text in results)
+    p50, p95 = statistics.median(latencies), latencies[int(0.95 * len(latencies)) - 1]
+    print(f"\n64 concurrent clients (8 tokens each): wall {wall:.2f}s, latency p50 {p50:.2f}s p95 {p95:.2f}s "
+          f"max {latencies[-1]:.2f}s")
+    health = httpx.get(f"{server['base']}/health").json()
+    assert health["waiting"] == 0 and health["busy"] is False  # every lock was released
+    assert client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2).choices[0].message.content
+
+
+def test_dropped_stream_frees_the_model(server, client):
+    """A client that disconnects mid-stream must not keep the model busy for the next one."""
+    with httpx.stream("POST", f"{server['base']}/v1/chat/completions",
+                      headers={"Authorization": f"Bearer {KEY}"},
+                      json={"model": MODEL, "messages": HI, "max_tokens": 900, "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and '"content": "' in line and json.loads(line[6:])["choices"]:
+                break
+    started = time.perf_counter()
+    answer = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=4, temperature=0)
+    assert answer.choices[0].message.content
+    assert time.perf_counter() - started < 8  # generating the 900 abandoned tokens would take far longer
