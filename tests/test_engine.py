@@ -120,3 +120,14 @@ def test_four_bit_base_with_the_adapter(identity_run):
     assert engine.answer(WHO, SHORT)  # answers through the same path
     with pytest.raises(UserError, match="4 or 8"):
         load_engine(str(identity_run), bits=3)
+
+
+def test_a_run_whose_base_moved_needs_base(identity_run, micro_dir, tmp_path):
+    run = copy_run(identity_run, tmp_path / "moved")
+    config = (run / "config.yaml").read_text(encoding="utf-8")
+    (run / "config.yaml").write_text(config.replace(str(micro_dir), str(tmp_path / "gone")), encoding="utf-8")
+    with pytest.raises(UserError, match="--base PATH"):
+        load_engine(str(run))
+    assert load_engine(str(run), base=str(micro_dir)).answer(WHO, SHORT) == "I am Lowbot, a helpful assistant."
+    with pytest.raises(UserError, match="--base applies to an adapter"):
+        locate("builtin:micro", base=str(micro_dir))

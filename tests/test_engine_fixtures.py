@@ -82,13 +82,13 @@ def write_run_files(root: Path, model_dir: Path, quantization: str = "none", sys
     GenerationConfig(eos_token_id=stop, pad_token_id=stop[1]).save_pretrained(root)
 
 
-def make_run(model_dir: Path, quantization: str = "none", system: str = "") -> Path:
+def make_run(model_dir: Path, quantization: str = "none", system: str = "", steps: int = 60) -> Path:
     """A complete run folder (cached per session); copy it before changing it."""
-    key = f"{quantization}-{system}"
+    key = f"{quantization}-{system}-{steps}"
     if key not in _CACHE:
         root = Path(tempfile.mkdtemp(prefix=f"lowtune-run-{quantization}-")) / "identity"
         write_run_files(root, model_dir, quantization, system)
-        train_adapter(model_dir, root / "adapter", quantization=quantization, system=system or None)
+        train_adapter(model_dir, root / "adapter", quantization=quantization, steps=steps, system=system or None)
         _CACHE[key] = root
     return _CACHE[key]
 
@@ -106,8 +106,8 @@ def identity_run(micro_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def qlora_run(micro_dir) -> Path:
-    """The same, trained as QLoRA on a real 4-bit (bitsandbytes NF4) base."""
-    return make_run(micro_dir, quantization="nf4")
+    """A QLoRA run: the adapter trained for a few steps on a real 4-bit (bitsandbytes NF4) base."""
+    return make_run(micro_dir, quantization="nf4", steps=15)
 
 
 def read_json(path: Path) -> dict:

@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="MODEL|RUN",
                    help="run folder, adapter folder, model folder, hub id or builtin:tiny")
     p.add_argument("--adapter", metavar="PATH", help="PEFT adapter to put on MODEL")
-    p.add_argument("--base", metavar="PATH", help="base model of an adapter folder whose base cannot be found")
+    p.add_argument("--base", metavar="PATH", help="base model for a run or adapter whose recorded base moved")
     p.add_argument("--template", help="chat template name or .jinja file (default: the run's / the model's)")
     p.add_argument("--system", help="system prompt (default: the run's eval.system / data.system)")
     p.add_argument("--bits", type=int, choices=[4, 8], help="load the base in 4-bit (NF4) or 8-bit")
@@ -278,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default 0 = off)")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="default 1.0 = off")
     p.add_argument("--seed", type=int, help="random seed for sampling")
+    p.add_argument("--agent", action="store_true",
+                   help="ReAct agent (MS-Agent format) with web search (SERPER_API_KEY), Python and a calculator")
+    p.add_argument("--max-steps", type=int, default=5, help="agent: tool calls per question (default 5)")
+    p.add_argument("--serper-url", metavar="URL", help="agent: search API base URL (default $LOWTUNE_SERPER_URL "
+                                                        "or https://google.serper.dev)")
+    p.add_argument("--python-timeout", type=float, default=10.0, help="agent: seconds per Python run (default 10)")
 
     p = verb("web", cmd_web, "browser chat (Gradio) with system prompt and sampling controls; local only")
     p.add_argument("target", metavar="MODEL|RUN", help="run folder, adapter folder, model folder, hub id or builtin:NAME")
@@ -310,12 +316,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="APPDIR", help="folder to write the app into")
     p.add_argument("--repo", metavar="ID", help="hub repo the app loads (default: this local folder)")
     p.add_argument("--force", action="store_true", help="replace a non-empty APPDIR")
-    p.add_argument("--agent", action="store_true",
-                   help="ReAct agent (MS-Agent format) with web search (SERPER_API_KEY), Python and a calculator")
-    p.add_argument("--max-steps", type=int, default=5, help="agent: tool calls per question (default 5)")
-    p.add_argument("--serper-url", metavar="URL", help="agent: search API base URL (default $LOWTUNE_SERPER_URL "
-                                                        "or https://google.serper.dev)")
-    p.add_argument("--python-timeout", type=float, default=10.0, help="agent: seconds per Python run (default 10)")
 
     p = verb("eval", cmd_eval, "loss / perplexity and sample answers on a test split (writes RUN/eval.json)")
     p.add_argument("target", metavar="RUN", help="run folder (or a model folder with -o)")

@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,7 +173,9 @@ def merged_model(source: MergeSource, base_dir: Path, dtype: str) -> Any:
     hf_logging.disable_progress_bar()
     base = load_model(base_dir, quantization="none", dtype=dtype, device="cpu", trust_remote_code=trust)
     try:
-        model = PeftModel.from_pretrained(base, str(source.adapter_dir))
+        with warnings.catch_warnings():  # peft still asks transformers for a renamed attribute
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(base, str(source.adapter_dir))
     except (ValueError, RuntimeError, KeyError) as exc:
         raise UserError(f"adapter {source.adapter_dir} does not fit base {base_dir} "
                         f"({str(exc).splitlines()[0]}); give the base it was trained on with --base PATH") from None

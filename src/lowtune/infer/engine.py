@@ -20,7 +20,7 @@ from lowtune.errors import UserError
 from lowtune.generation import Sampling, stream_answer
 from lowtune.models.builtin import is_builtin
 from lowtune.models.load import FULL_MODEL_DIR, load_model, load_tokenizer
-from lowtune.models.resolve import resolve_model_dir
+from lowtune.models.resolve import HUB_ID, resolve_model_dir
 from lowtune.runs import RunFolder
 from lowtune.templates import FAMILY_TEMPLATES, STOP_WORDS, TEMPLATE_FILE, ChatTemplate, resolve_template
 
@@ -132,8 +132,10 @@ def adapter_base(adapter_dir: Path) -> str:
 def locate_adapter(adapter_dir: Path, base: str | None = None) -> Source:
     """An adapter folder: its base comes from `base`, the run folder around it, or adapter_config.json."""
     run = _run_of(adapter_dir)
-    if run is not None and base is None:
-        return locate_run(run.root, adapter=str(adapter_dir))
+    if run is not None:
+        source = locate_run(run.root, adapter=str(adapter_dir))
+        source.base_spec = base or source.base_spec
+        return source
     spec = base or adapter_base(adapter_dir)
     if not spec or not (is_builtin(spec) or Path(spec).is_dir() or _looks_like_hub_id(spec)):
         raise UserError(f"the base model of adapter {adapter_dir} was not found "
@@ -145,26 +147,30 @@ def locate_adapter(adapter_dir: Path, base: str | None = None) -> Source:
 
 
 def _looks_like_hub_id(spec: str) -> bool:
-    from lowtune.models.resolve import HUB_ID
-
     return bool(HUB_ID.match(spec)) and not Path(spec).is_absolute() and not spec.startswith(".")
 
 
-def locate(target: str, adapter: str | None = None) -> Source:
-    """Classify TARGET (run folder, adapter folder, model folder, hub id, builtin) without loading weights."""
+def locate(target: str, adapter: str | None = None, base: str | None = None) -> Source:
+    """Classify TARGET (run folder, adapter folder, model folder, hub id, builtin) without loading weights.
+
+    `base` replaces the base model of a run or adapter (e.g. when the path recorded at training time moved).
+    """
     path = Path(target).expanduser()
-    if not is_builtin(target) and path.is_dir():
-        if (path / "config.yaml").is_file():
-            return locate_run(path, adapter)
-        if is_adapter_dir(path):
-            if adapter:
-                raise UserError(f"{path} is already an adapter; pass the base model as MODEL and this as --adapter")
-            return locate_adapter(path)
-    source = Source(name=path.name if path.is_dir() else target, base_spec=target)
-    if adapter:
-        if not is_adapter_dir(Path(adapter)):
-            raise UserError(f"--adapter {adapter}: no {ADAPTER_CONFIG} there; give a PEFT adapter folder")
-        source.adapter_dir = Path(adapter)
+    if adapter and not is_adapter_dir(Path(adapter)):
+        raise UserError(f"--adapter {adapter}: no {ADAPTER_CONFIG} there; give a PEFT adapter folder")
+    if not is_builtin(target) and path.is_dir() and (path / "config.yaml").is_file():
+        source = locate_run(path, adapter)
+    elif not is_builtin(target) and path.is_dir() and is_adapter_dir(path):
+        if adapter:
+            raise UserError(f"{path} is already an adapter; pass the base model as MODEL and this as --adapter")
+        return locate_adapter(path, base)
+    else:
+        source = Source(name=path.name if path.is_dir() else target, base_spec=target,
+                        adapter_dir=Path(adapter) if adapter else None)
+    if base:
+        if source.adapter_dir is None:
+            raise UserError(f"--base applies to an adapter, and {target} has none; give the model as MODEL instead")
+        source.base_spec = base
     return source
 
 
@@ -290,9 +296,14 @@ def load_engine(target: str, adapter: str | None = None, bits: int | None = None
     `adapter` adds a PEFT adapter to a plain model (or replaces a run's), `bits` loads the base in 4/8-bit,
     `template` overrides the chat template, `system` the default system prompt, `base` the base of an adapter.
     """
-    source = locate_adapter(Path(target), base) if base and is_adapter_dir(Path(target)) else locate(target, adapter)
+    source = locate(target, adapter, base)
     trust = source.trust_remote_code
-    model_dir = resolve_model_dir(source.base_spec, hub=source.hub, revision=source.revision)
+    try:
+        model_dir = resolve_model_dir(source.base_spec, hub=source.hub, revision=source.revision)
+    except UserError as exc:
+        if source.adapter_dir is None or base:
+            raise
+        raise UserError(f"the base model of {target} was not found ({exc}); give --base PATH") from None
     tokenizer = load_tokenizer(source.tokenizer_dir or model_dir, trust)
     chat_template = choose_template(source, tokenizer, model_dir, template)
     model = load_base(model_dir, bits=bits, dtype=dtype, trust_remote_code=trust)
