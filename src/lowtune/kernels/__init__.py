@@ -1,0 +1,60 @@
+"""Fast paths for training: fused linear cross-entropy, varlen attention for packed rows, Triton kernels.
+
+Layer 1. Everything here has a correct fallback on CPU; CUDA-only pieces switch on by themselves when the device
+and the optional packages allow, and `enable_fast_path` reports what it switched on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lowtune.kernels.loss import IGNORE_INDEX, linear_cross_entropy_sum
+
+LIGER_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral"}
+
+
+def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    """(decoder stack, lm_head) of a causal LM, looking through a PEFT wrapper; None when the head is unusual."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = getattr(base, "model", None), getattr(base, "lm_head", None)
+    if decoder is None or head is None:
+        return None
+    weight = getattr(head, "weight", None)
+    plain = type(head) is torch.nn.Linear and getattr(head, "bias", None) is None
+    softcap = getattr(getattr(base, "config", None), "final_logit_softcapping", None)
+    if not plain or weight is None or softcap:
+        return None
+    return decoder, head
+
+
+def causal_lm_loss_sum(model: Any, batch: dict[str, torch.Tensor], **model_kwargs: Any) -> torch.Tensor:
+    """Summed next-token cross-entropy over supervised positions, without materialising full logits."""
+    parts = _decoder_and_head(model)
+    labels = batch["labels"][:, 1:]
+    if parts is None:
+        logits = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False,
+                       **model_kwargs).logits[:, :-1].float()
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
+                                                 ignore_index=IGNORE_INDEX, reduction="sum")
+    decoder, head = parts
+    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False,
+                     **model_kwargs).last_hidden_state[:, :-1]
+    return linear_cross_entropy_sum(hidden, head.weight, labels)
+
+
+def enable_fast_path(model: Any) -> list[str]:
+    """Patch a freshly loaded (not yet PEFT-wrapped) model with Triton kernels where they apply."""
+    applied: list[str] = []
+    device = next(model.parameters()).device
+    if device.type != "cuda" or getattr(model.config, "model_type", "") not in LIGER_FAMILIES:
+        return applied
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        return applied
+    _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                    fused_linear_cross_entropy=False)
+    applied.append("liger(rope,rms_norm,swiglu)")
+    return applied

@@ -1,0 +1,143 @@
+"""Memory forecast and plan for training a model of a given shape: weights, adapter state, activations.
+
+Layer 1: pure arithmetic on config.json values, no weights loaded. Training asks `plan_memory` for the fastest
+micro-batch / checkpointing / offloading / optimizer-state choice that fits the device; `lowtune estimate`
+prints the same numbers. Activation sizes are calibrated on a Llama-2-7B-shaped model on an H200 (bench/RESULTS.md):
+with fused RMSNorm/SwiGLU/RoPE and fused linear cross-entropy, one decoder layer keeps about
+2 x (16 d + 6 ff) bytes per token for backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GIB = 2**30
+NF4_BYTES_PER_PARAM = 4.127 / 8  # NF4 + double quantisation (QLoRA paper)
+WORKSPACE_BYTES = int(0.35 * GIB)  # allocator slack, cuBLAS workspace, one chunk of fused cross-entropy
+OPTIMIZER_BYTES_PER_PARAM = {  # fp32 master weight + fp32 grad + optimizer state
+    "adamw": 4 + 4 + 8, "paged_adamw": 4 + 4 + 8, "adamw_8bit": 4 + 4 + 2, "paged_adamw_8bit": 4 + 4 + 2,
+}
+MAX_TOKENS_PER_MICRO_BATCH = 16384  # beyond this, GEMMs are saturated and memory is better spent elsewhere
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool = False
+
+    @classmethod
+    def from_config(cls, config: dict) -> Shape:
+        heads = config.get("num_attention_heads", 32)
+        return cls(layers=config["num_hidden_layers"], hidden=config["hidden_size"],
+                   intermediate=config.get("intermediate_size", 4 * config["hidden_size"]), heads=heads,
+                   kv_heads=config.get("num_key_value_heads") or heads, vocab=config["vocab_size"],
+                   tied=bool(config.get("tie_word_embeddings", False)))
+
+    @property
+    def kv_dim(self) -> int:
+        return self.hidden * self.kv_heads // self.heads
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(in, out) of the seven projections of one decoder layer."""
+        d, f, kv = self.hidden, self.intermediate, self.kv_dim
+        return [(d, d), (d, kv), (d, kv), (d, d), (d, f), (d, f), (f, d)]
+
+    @property
+    def linear_params(self) -> int:
+        return self.layers * sum(i * o for i, o in self.linear_shapes())
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    def flops_per_token(self, seq_len: int, full: bool = False) -> float:
+        """Model FLOPs per trained token: 4N (+2N for full fine-tuning) plus causal attention."""
+        n = self.linear_params + self.vocab * self.hidden
+        attention = 4 * self.layers * self.hidden * seq_len  # QK^T and PV, forward + input-grad, causal half
+        return (6 if full else 4) * n + attention
+
+
+@dataclass
+class MemoryPlan:
+    micro_batch: int
+    grad_accum: int
+    checkpointing: bool
+    offload: bool
+    optimizer: str
+    peak_bytes: int
+    capacity_bytes: int
+    breakdown: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.capacity_bytes
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.breakdown.items())
+        mode = "checkpointing + CPU offload" if self.offload else ("checkpointing" if self.checkpointing else
+                                                                   "no checkpointing")
+        return (f"memory plan: micro-batch {self.micro_batch} x accumulation {self.grad_accum}, {mode}, "
+                f"optimizer {self.optimizer}; forecast peak {self.peak_bytes / GIB:.2f} GiB of "
+                f"{self.capacity_bytes / GIB:.1f} GiB ({parts} GiB)")
+
+
+def weight_bytes(shape: Shape, quantization: str, full_finetune: bool = False) -> int:
+    per_linear = {"nf4": NF4_BYTES_PER_PARAM, "int8": 1.0}.get(quantization, 2.0)
+    master = 4 if full_finetune else 0  # full fine-tuning keeps fp32 weights
+    return int(shape.linear_params * (per_linear + master) + shape.embedding_params * (2 + master))
+
+
+def lora_params(shape: Shape, r: int) -> int:
+    return shape.layers * sum(r * (i + o) for i, o in shape.linear_shapes())
+
+
+def layer_activation_bytes(shape: Shape, tokens: int) -> int:
+    """What one decoder layer keeps for backward (also the working set when recomputing it)."""
+    return 2 * (16 * shape.hidden + 6 * shape.intermediate) * tokens
+
+
+def activation_bytes(shape: Shape, tokens: int, checkpointing: bool, offload: bool) -> int:
+    if not checkpointing:
+        return shape.layers * layer_activation_bytes(shape, tokens)
+    kept = 0 if offload else shape.layers * 2 * shape.hidden * tokens  # one bf16 hidden state per layer
+    return kept + layer_activation_bytes(shape, tokens)
+
+
+def forecast(shape: Shape, *, quantization: str, lora_r: int | None, optimizer: str, tokens: int,
+             checkpointing: bool, offload: bool) -> dict[str, int]:
+    full = lora_r is None
+    trainable = shape.linear_params + shape.embedding_params if full else lora_params(shape, lora_r)
+    state = trainable * (OPTIMIZER_BYTES_PER_PARAM[optimizer] - (4 if full else 0))
+    return {"weights": weight_bytes(shape, quantization, full), "adapter+optimizer": int(state),
+            "activations": activation_bytes(shape, tokens, checkpointing, offload), "workspace": WORKSPACE_BYTES}
+
+
+def plan_memory(shape: Shape, *, capacity_bytes: int, seq_len: int, rows_per_step: int, quantization: str,
+                lora_r: int | None, optimizer: str = "auto", allow_no_checkpointing: bool = True) -> MemoryPlan:
+    """The fastest setting that fits: no checkpointing with the largest micro-batch, else checkpointing, else
+    checkpointing with the saved layer inputs on the CPU; 8-bit optimizer states when 32-bit ones do not fit.
+
+    The micro-batch always divides rows_per_step (batch_size x grad_accum), so the optimizer sees the same rows.
+    """
+    optimizers = ["adamw", "paged_adamw_8bit"] if optimizer == "auto" else [optimizer]
+    micro_options = [m for m in range(rows_per_step, 0, -1) if rows_per_step % m == 0
+                     and (m * seq_len <= MAX_TOKENS_PER_MICRO_BATCH or m == 1)]
+    modes = ([(False, False)] if allow_no_checkpointing else []) + [(True, False), (True, True)]
+    fallback = None
+    for opt in optimizers:
+        for checkpointing, offload in modes:
+            for micro in micro_options:
+                parts = forecast(shape, quantization=quantization, lora_r=lora_r, optimizer=opt,
+                                 tokens=micro * seq_len, checkpointing=checkpointing, offload=offload)
+                plan = MemoryPlan(micro, rows_per_step // micro, checkpointing, offload, opt, sum(parts.values()),
+                                  capacity_bytes, parts)
+                if plan.fits:
+                    return plan
+                fallback = plan
+    assert fallback is not None
+    return fallback
