@@ -61,9 +61,14 @@ def test_tokenizer_template_without_generation_marks_gives_the_same_mask(micro_t
 
 
 def test_template_without_end_of_turn_is_refused(micro_tokenizer):
-    bare = ChatTemplate("bare", "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    bare = ChatTemplate("bare", "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                                "{% if add_generation_prompt %}assistant: {% endif %}")
     with pytest.raises(UserError, match="end-of-turn"):
         encode_conversation(TWO_TURNS, micro_tokenizer, bare, None)
+    no_prompt = ChatTemplate("np", "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>"
+                                   "{% endfor %}")
+    with pytest.raises(UserError, match="add_generation_prompt"):
+        encode_conversation(TWO_TURNS, micro_tokenizer, no_prompt, None)
 
 
 def test_truncation_keeps_a_prefix_and_drops_samples_left_without_an_answer(micro_tokenizer):

@@ -131,28 +131,27 @@ class ChatTemplate:
 
     def _span_by_prefix(self, messages: list[dict], index: int, full: str,
                         tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
-        """Char span of messages[index]'s answer + end-of-turn, found by rendering the conversation up to it."""
+        """Char span of messages[index]'s answer + end-of-turn in `full`, found by rendering the prompt before it."""
         prompt = self.render(messages[:index], tokenizer, add_generation_prompt=True) if index else ""
-        upto = self.render(messages[: index + 1], tokenizer)
         content = messages[index]["content"].strip()
         where = f"chat template '{self.name}'"
-        if not upto.startswith(prompt) or not full.startswith(upto):
+        if not full.startswith(prompt):
             raise UserError(f"{where} renders a conversation differently from its own prefix, so answer tokens "
                             "cannot be located; pass a template with {% generation %} (model.template=NAME)")
-        start = upto.find(content, len(prompt))
+        start = full.find(content, len(prompt))
         if start < 0:
             raise UserError(f"{where} does not render the assistant's text verbatim; "
                             "pass a template with {% generation %} (model.template=NAME)")
+        if full[len(prompt):start].strip():
+            raise UserError(f"{where} renders text before an answer that its generation prompt lacks (does it "
+                            "handle add_generation_prompt?); pass a template with {% generation %}")
         after = start + len(content)
         stops = [w for w in (*self.stop_words, tokenizer.eos_token) if w]
-        found = [(upto.find(w, after), w) for w in stops if upto.find(w, after) >= 0]
-        if not found:
-            raise UserError(f"{where} puts no end-of-turn token after an answer, so the model would never learn "
-                            "to stop; pass a template with {% generation %} (model.template=NAME)")
+        found = [(at, w) for w in stops if (at := full.find(w, after)) >= 0]
+        if not found or full[after:min(found)[0]].strip():
+            raise UserError(f"{where} puts no end-of-turn token right after an answer, so the model would never "
+                            "learn to stop; pass a template with {% generation %} (model.template=NAME)")
         at, word = min(found)
-        if upto[after:at].strip():
-            raise UserError(f"{where} renders text between an answer and its end-of-turn token; "
-                            "pass a template with {% generation %} (model.template=NAME)")
         return start, at + len(word)
 
     def encode_segments(self, segments: list[Segment], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
 
+from lowtune.data.encode import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -72,10 +74,13 @@ class SampleWriter:
         self._labels = (folder / f"{prefix}.labels").open("wb")
         self.lengths: list[int] = []
 
-    def add(self, sample: dict) -> None:
+    def add(self, sample: dict) -> int:
+        """Append a sample; returns its number of trained tokens."""
+        labels = np.asarray(sample["labels"], dtype=np.int32)
         self._ids.write(np.asarray(sample["input_ids"], dtype=np.int32).tobytes())
-        self._labels.write(np.asarray(sample["labels"], dtype=np.int32).tobytes())
-        self.lengths.append(len(sample["input_ids"]))
+        self._labels.write(labels.tobytes())
+        self.lengths.append(len(labels))
+        return int(np.count_nonzero(labels != IGNORE_INDEX))
 
     def close(self) -> None:
         self._ids.close()

@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lowtune.data import cache
-from lowtune.data.encode import IGNORE_INDEX, encode_many, truncate
+from lowtune.data.encode import assemble, plan_batch, truncate
 from lowtune.data.formats import ReadReport, add_system, read_conversations
 from lowtune.data.pack import plan_rows
 from lowtune.data.split import split_indices
@@ -84,20 +85,40 @@ def iter_sources(paths: list[str], fmt: str, system: str | None, report: ReadRep
 
 def encode_stream(conversations: Iterator[list[dict]], tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
                   max_length: int | None, summary: DataSummary | None = None) -> Iterator[dict]:
-    """Encoded, truncated samples; those with nothing left to train are dropped (and counted in `summary`)."""
-    batch: list[list[dict]] = []
-    for messages in conversations:
-        batch.append(messages)
-        if len(batch) == BATCH:
-            yield from _encode_batch(batch, tokenizer, template, max_length, summary)
-            batch = []
-    if batch:
-        yield from _encode_batch(batch, tokenizer, template, max_length, summary)
+    """Encoded, truncated samples; those with nothing left to train are dropped (and counted in `summary`).
+
+    The tokenizer (native code, GIL released) works on one batch in a helper thread while this thread renders the
+    next one.
+    """
+    def batches() -> Iterator[list[list[dict]]]:
+        batch: list[list[dict]] = []
+        for messages in conversations:
+            batch.append(messages)
+            if len(batch) == BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def tokenize(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for batch in batches():
+            plans, texts = plan_batch(batch, tokenizer, template)
+            job = (plans, pool.submit(tokenize, texts))
+            if pending is not None:
+                yield from _finish(pending, tokenizer, max_length, summary)
+            pending = job
+        if pending is not None:
+            yield from _finish(pending, tokenizer, max_length, summary)
 
 
-def _encode_batch(batch: list[list[dict]], tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
-                  max_length: int | None, summary: DataSummary | None) -> Iterator[dict]:
-    for full in encode_many(batch, tokenizer, template):
+def _finish(job: tuple, tokenizer: PreTrainedTokenizerBase, max_length: int | None,
+            summary: DataSummary | None) -> Iterator[dict]:
+    plans, future = job
+    for full in assemble(plans, future.result(), tokenizer):
         sample = truncate(full, max_length)
         if summary is not None:
             summary.dropped += sample is None
@@ -147,20 +168,15 @@ def build_dataset(cfg: Config, tokenizer: PreTrainedTokenizerBase, template: Cha
 
 
 def _write_cache(folder: Path, cfg: Config, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> DataSummary:
-    data, summary = cfg.data, DataSummary()
-    count_report = ReadReport()
-    total = sum(1 for _ in iter_sources(data.train, data.format, None, count_report))
-    summary.conversations, summary.skipped, summary.skip_reasons = total, count_report.skipped, count_report.reasons
-    if not total:
-        raise UserError(f"no usable conversation in {', '.join(data.train)}"
-                        + (f"; first problem: {count_report.reasons[0]}" if count_report.reasons else ""))
+    data, summary, report = cfg.data, DataSummary(), ReadReport()
     held: set[int] = set()
-    if isinstance(data.eval, float):
-        held = set(split_indices(total, 1 - data.eval, cfg.train.seed)[1])
+    if isinstance(data.eval, float):  # a held-out fraction needs the count first: one extra, cheap reading pass
+        total = sum(1 for _ in iter_sources(data.train, data.format, None, ReadReport()))
+        held = set(split_indices(total, 1 - data.eval, cfg.train.seed)[1]) if total else set()
     held_out: list[list[dict]] = []  # a small fraction, kept in memory until the train part is written
 
     def train_part() -> Iterator[list[dict]]:
-        for i, messages in enumerate(iter_sources(data.train, data.format, data.system, ReadReport())):
+        for i, messages in enumerate(iter_sources(data.train, data.format, data.system, report)):
             if i in held:
                 held_out.append(messages)
             else:
@@ -168,10 +184,13 @@ def _write_cache(folder: Path, cfg: Config, tokenizer: PreTrainedTokenizerBase, 
 
     train_writer = cache.SampleWriter(folder, "train")
     for sample in encode_stream(train_part(), tokenizer, template, data.max_length, summary):
-        train_writer.add(sample)
+        summary.supervised_tokens += train_writer.add(sample)
         summary.tokens += len(sample["input_ids"])
-        summary.supervised_tokens += sum(1 for t in sample["labels"] if t != IGNORE_INDEX)
     train_writer.close()
+    summary.conversations, summary.skipped, summary.skip_reasons = report.converted, report.skipped, report.reasons
+    if not report.converted:
+        raise UserError(f"no usable conversation in {', '.join(data.train)}"
+                        + (f"; first problem: {report.reasons[0]}" if report.reasons else ""))
     eval_source: Iterator[list[dict]] = iter(held_out)
     if isinstance(data.eval, str) and data.eval:
         eval_source = iter_sources([data.eval], data.format, data.system, ReadReport())

@@ -41,18 +41,29 @@ def encode_full(messages: list[dict], tokenizer: PreTrainedTokenizerBase, templa
 def encode_many(conversations: list[list[dict]], tokenizer: PreTrainedTokenizerBase,
                 template: ChatTemplate) -> list[dict]:
     """encode_full for several conversations, with one batched tokenizer call (fast tokenizers use every core)."""
+    plans, texts = plan_batch(conversations, tokenizer, template)
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return assemble(plans, encoded, tokenizer)
+
+
+def plan_batch(conversations: list[list[dict]], tokenizer: PreTrainedTokenizerBase,
+               template: ChatTemplate) -> tuple[list, list[str]]:
+    """(plans, texts): the texts to tokenize for some conversations, and how to put their ids back together."""
     plans, texts = [], []
     for messages in conversations:
         if is_pretraining(messages):
-            trained = messages[0].get("loss", True) is not False
-            plans.append(("text", len(texts), [trained]))
+            plans.append(("text", len(texts), [messages[0].get("loss", True) is not False]))
             texts.append(messages[0]["content"])
         else:
             segments = template.segments(messages, tokenizer)
-            flags = [index is not None and has_loss(messages[index]) for _, index in segments]
-            plans.append(("chat", len(texts), flags))
+            plans.append(("chat", len(texts), [index is not None and has_loss(messages[index])
+                                               for _, index in segments]))
             texts.extend(text for text, _ in segments)
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return plans, texts
+
+
+def assemble(plans: list, encoded: list[list[int]], tokenizer: PreTrainedTokenizerBase) -> list[dict]:
+    """Samples from plan_batch's plans and the token ids of its texts."""
     samples = []
     for kind, start, flags in plans:
         if kind == "text":
