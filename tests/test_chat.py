@@ -136,3 +136,18 @@ def test_flag_errors_are_one_line(identity_run, capsys):
     assert "--compare needs a fine-tuned model" in capsys.readouterr().err
     assert main(["chat", str(identity_run), "--temperature", "-1", "--prompt", "hi"]) == 2
     assert "--temperature" in capsys.readouterr().err
+
+
+def test_system_command_and_unknown_commands(engine):
+    from lowtune.infer.chat import ChatSession
+
+    out = io.StringIO()
+    session = ChatSession(engine, make_sampling(max_new_tokens=8), out=out)
+    session.tuned.add("Who are you?", LOWBOT)
+    assert session.command("/system Be brief.") is False
+    assert session.tuned.system == "Be brief." and session.tuned.messages == []
+    assert session.tuned.for_model("hi")[0] == {"role": "system", "content": "Be brief."}
+    assert session.command("/system") is False and session.tuned.system is None
+    assert session.command("/nonsense") is False and "/clear" in out.getvalue()
+    assert session.command("/usr/bin is a folder?") is None  # a message, not a command
+    assert session.command("EXIT") is True and session.command("/quit") is True

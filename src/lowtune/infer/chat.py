@@ -18,7 +18,7 @@ from lowtune.infer.engine import ChatEngine
 
 EXIT_WORDS = {"/exit", "/quit", "EXIT", "exit"}  # EXIT and RESET as in XTuner's chat
 CLEAR_WORDS = {"/clear", "RESET"}
-HELP = ("/clear (or RESET) forgets the conversation · /system TEXT sets the system prompt · "
+HELP = ("/clear (or RESET) forgets the conversation · /system TEXT sets the system prompt (/system alone: default) · "
         "/exit (or EXIT, Ctrl-D) quits")
 
 
@@ -116,7 +116,10 @@ class ChatSession:
             return
         if self.compare:
             fit_context(self.engine, self.base, text, self.sampling)
-            compare_turn(self.engine, self.base, self.tuned, text, self.sampling, self.out)
+            try:
+                compare_turn(self.engine, self.base, self.tuned, text, self.sampling, self.out)
+            except KeyboardInterrupt:  # the answer being generated stops as its stream closes
+                self.out.write("\n[interrupted]\n")
             return
         pieces = self.engine.stream(self.tuned.for_model(text), self.sampling)
         try:
@@ -143,7 +146,7 @@ class ChatSession:
         if text == "/system" or text.startswith("/system "):
             system = text[len("/system"):].strip() or None
             self.tuned, self.base = Conversation(system), Conversation(system)
-            self.out.write(f"(system prompt {'set' if system else 'removed'}; conversation cleared)\n")
+            self.out.write(f"(system prompt {'set' if system else 'back to the default'}; conversation cleared)\n")
             return False
         if text.startswith("/") and " " not in text:  # /help or an unknown command
             self.out.write(HELP + "\n")
