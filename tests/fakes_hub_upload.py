@@ -5,7 +5,8 @@ It speaks the write side of both hubs, as the clients' own source calls it:
   POST /{repo}.git/info/lfs/objects/batch (basic transfer) + PUT of each blob, POST /api/models/{repo}/commit/{rev}
   (ndjson: regular files inline as base64, LFS files by sha256).
 - ModelScope: GET /openapi/v1/models/{repo} and /api/v1/models/{repo}, POST /api/v1/models (create),
-  POST /api/v1/repos/models/{repo}/info/lfs/objects/batch + PUT of each blob, POST /api/v1/repos/models/{repo}/commit/{rev}.
+  POST /api/v1/repos/models/{repo}/info/lfs/objects/batch + PUT of each blob,
+  POST /api/v1/repos/models/{repo}/commit/{rev}.
 
 Files that arrive land in `hub.repos[repo_id][path]` (bytes); every request is kept in `hub.requests` with its
 headers so a test can check the token that was sent. Point the clients at it with HF_ENDPOINT=<url> and

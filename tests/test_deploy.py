@@ -53,7 +53,7 @@ def test_hf_space_bundle_points_at_the_repo(identity_run, tmp_path):
     assert "peft" in (app / "requirements.txt").read_text()  # a run's adapter loads on its base
     source = (app / "app.py").read_text()
     assert 'MODEL_ID = os.environ.get("MODEL_ID", "me/lowbot")' in source
-    assert front_matter(app / "README.md")["title"] == "identity"
+    assert front_matter(app / "README.md")["title"] == "lowbot"
     assert "lowtune upload" in (app / "README.md").read_text()
     # the run's training template and its end-of-turn id are baked in
     assert (app / "chat_template.jinja").read_text() == (identity_run / "chat_template.jinja").read_text()
@@ -98,6 +98,7 @@ def test_apps_start_with_python_app_py_and_answer_over_http(micro_dir, identity_
 
     deploy(str(micro_dir), "openxlab", tmp_path / "micro-app")
     deploy(str(identity_run), "hf-space", tmp_path / "run-app")
+    assert front_matter(tmp_path / "run-app" / "README.md")["title"] == "identity"  # the run's name
     micro, micro_url = start_app(tmp_path / "micro-app", tmp_path / "micro.log")
     tuned, tuned_url = start_app(tmp_path / "run-app", tmp_path / "run.log")
     try:

@@ -235,3 +235,37 @@ def test_dropped_stream_frees_the_model(server, client):
     answer = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=4, temperature=0)
     assert answer.choices[0].message.content
     assert time.perf_counter() - started < 8  # generating the 900 abandoned tokens would take far longer
+
+
+def test_busy_port_is_a_user_error_before_loading(capsys):
+    from lowtune.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", MODEL, "--port", str(port)]) == 2
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+        assert main(["web", MODEL, "--port", str(port)]) == 2
+        assert "pass another --port" in capsys.readouterr().err
+
+
+def test_help_imports_no_server_ui_or_hub_library():
+    code = ("import sys; from lowtune.cli import build_parser; build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'gradio', 'fastapi', 'uvicorn', 'huggingface_hub', 'modelscope', "
+            "'openai') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_api_key_from_flag_or_environment(monkeypatch):
+    from lowtune.errors import UserError
+    from lowtune.infer.serve import API_KEY_ENV, resolve_api_key
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert resolve_api_key(None) is None
+    monkeypatch.setenv(API_KEY_ENV, "sk-env")
+    assert resolve_api_key(None) == "sk-env" and resolve_api_key("sk-flag") == "sk-flag"
+    monkeypatch.setenv(API_KEY_ENV, "  ")
+    with pytest.raises(UserError, match=API_KEY_ENV):
+        resolve_api_key(None)

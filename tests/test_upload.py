@@ -103,7 +103,8 @@ def test_hf_token_from_the_environment_or_a_clear_error(hub, merged, monkeypatch
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
 
 
-def test_modelscope_upload_of_a_run_writes_configuration_and_fixes_the_card(hub, identity_run, tmp_path, capsys):
+def test_modelscope_upload_of_a_run_writes_configuration_and_fixes_the_card(hub, identity_run, tmp_path, capsys,
+                                                                          monkeypatch):
     run = copy_run(identity_run, tmp_path / "identity")
     peft_card = read_front_matter(run / "adapter" / "README.md")
     assert Path(peft_card["base_model"]).is_absolute()  # peft wrote the local path of the base
@@ -121,6 +122,16 @@ def test_modelscope_upload_of_a_run_writes_configuration_and_fixes_the_card(hub,
     assert not any(str(t).startswith("base_model:") for t in meta["tags"])
     assert "# Model Card" in arrived["README.md"].decode()  # peft's card body is kept
     assert hub.private["me/lowbot"] is False
+    # the token from the client's own variable
+    monkeypatch.setenv("MODELSCOPE_API_TOKEN", TOKEN)
+    assert main(["upload", str(run), "--to", "modelscope", "--repo", "me/lowbot2"]) == 0
+    assert "adapter_model.safetensors" in hub.repos["me/lowbot2"]
+    monkeypatch.delenv("MODELSCOPE_API_TOKEN")
+    capsys.readouterr()
+    # a token the hub refuses: one line that says what to do, and never the token
+    assert main(["upload", str(run), "--to", "modelscope", "--repo", "me/other", "--token", "ms-wrong"]) == 2
+    err = capsys.readouterr().err
+    assert "ModelScope refused the token" in err and "MODELSCOPE_API_TOKEN" in err and "ms-wrong" not in err
     assert any(r.header("Authorization") == f"Bearer {TOKEN}" for r in hub.requests if "/commit/" in r.path)
 
 
@@ -143,3 +154,20 @@ def test_bad_arguments_name_the_fix(hub, merged, tmp_path, capsys):
     assert "--repo 'no-owner' must look like owner/name" in capsys.readouterr().err
     assert main(["upload", str(tmp_path / "missing"), "--to", "hf", "--repo", "me/x", "--dry-run"]) == 2
     assert "is not a folder" in capsys.readouterr().err
+
+
+def test_cards_are_completed_not_replaced(hub, merged, capsys):
+    (merged / "README.md").write_text("---\nlicense: apache-2.0\nbase_model: /home/me/models/base\n---\n\n# Mine\n")
+    assert main(["upload", str(merged), "--to", "hf", "--repo", "me/c", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would complete README.md front matter" in out and "removed base_model '/home/me/models/base'" in out
+    assert "base_model: /home/me" in (merged / "README.md").read_text()  # dry run: untouched
+    assert main(["upload", str(merged), "--to", "hf", "--repo", "me/c", "--token", TOKEN]) == 0
+    card = hub.repos["me/c"]["README.md"].decode()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta == {"license": "apache-2.0", "library_name": "transformers", "pipeline_tag": "text-generation",
+                    "tags": ["lowtune"]}
+    assert card.endswith("# Mine\n")  # the body is the user's
+    (merged / "README.md").write_text("---\nlicense: [unclosed\n---\nbody\n")
+    assert main(["upload", str(merged), "--to", "hf", "--repo", "me/c", "--dry-run"]) == 2
+    assert "README.md: the front matter between the '---' lines is not valid YAML" in capsys.readouterr().err

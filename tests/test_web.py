@@ -16,7 +16,7 @@ import pytest
 from test_serve import free_port, wait_for
 
 from lowtune.errors import UserError
-from lowtune.infer.web import resolve_address, tunnel_command
+from lowtune.infer.web import resolve_address, to_conversation, tunnel_command
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -45,6 +45,18 @@ def test_tunnel_command_uses_the_ssh_connection(monkeypatch):
     monkeypatch.delenv("SSH_CONNECTION")
     assert tunnel_command(6006).startswith("ssh -CNg -L 6006:127.0.0.1:6006 ")
     assert tunnel_command(6006).endswith("@<host> -p <ssh-port>")
+
+
+def test_gradio_history_becomes_the_conversation():
+    history = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},  # Gradio 6 normalised shape
+               {"role": "assistant", "content": "Hello."},
+               {"role": "user", "content": "Again?"}, {"role": "assistant", "content": [{"text": "Yes."}]}]
+    conversation = to_conversation(history, "  Be brief. ")
+    assert conversation.for_model("Bye") == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Again?"},
+        {"role": "assistant", "content": "Yes."}, {"role": "user", "content": "Bye"}]
+    assert to_conversation([], "   ").system is None
 
 
 @pytest.fixture(scope="module")

@@ -107,9 +107,11 @@ def _engine_for(args: argparse.Namespace):
 
 
 def cmd_web(args: argparse.Namespace) -> int:
+    from lowtune.infer.serve import check_port
     from lowtune.infer.web import resolve_address, run_web
 
     host, port = resolve_address(args.host, args.port)
+    check_port(host, port)  # before the model loads
     run_web(_engine_for(args), host, port)
     return 0
 

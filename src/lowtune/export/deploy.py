@@ -141,6 +141,15 @@ def app_source(model_id: str, target: str, stop_ids: list[int], system: str | No
     return APP_PY.replace("# __CONSTANTS__\n", constants)
 
 
+def app_title(pub: Publishable, repo: str | None) -> str:
+    """The repo's name, else the run's name for a run's adapter or model, else the folder's name."""
+    if repo:
+        return repo.split("/")[-1]
+    if pub.run and pub.folder.parent.resolve() == pub.run.root.resolve():
+        return pub.run.root.resolve().name
+    return pub.folder.resolve().name
+
+
 def deploy(target_dir: str | Path, target: str, out_dir: str | Path, repo: str | None = None,
            force: bool = False) -> DeployResult:
     """Write the app folder for MODEL|ADAPTER|RUN at `out_dir` (all of it appears, or nothing)."""
@@ -152,9 +161,7 @@ def deploy(target_dir: str | Path, target: str, out_dir: str | Path, repo: str |
     pub = locate_publishable(target_dir)
     model_id = check_repo_id(repo) if repo else str(pub.folder.resolve())
     template, stop_ids, system = app_template(pub)
-    title = (repo or pub.folder.resolve().name).split("/")[-1]
-    if pub.run and pub.folder.name in ("adapter", "model"):
-        title = pub.run.root.resolve().name
+    title = app_title(pub, repo)
     files = {"app.py": app_source(model_id, target, stop_ids, system, title),
              TEMPLATE_FILE: template.source,
              "requirements.txt": requirements(target, pub.kind == "adapter"),

@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lowtune.errors import UserError, require
-from lowtune.export.card import (MODELSCOPE_CONFIGURATION, CardInfo, card_for_run, hub_id_or_none,
-                                 read_front_matter)
+from lowtune.export.card import MODELSCOPE_CONFIGURATION, CardInfo, card_for_run, hub_id_or_none, read_front_matter
 from lowtune.models.download import is_offline
 from lowtune.models.load import FULL_MODEL_DIR
 from lowtune.models.resolve import HUB_ID
@@ -42,7 +41,7 @@ IGNORED = (".git", ".git/*", ".cache/*", ".cache", "__pycache__/*", "*.pyc", ".m
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
 MS_DEFAULT_ENDPOINT = "https://www.modelscope.cn"
 METAFILE = "metafile.yml"
-REQUIRED_META = ("library_name", "pipeline_tag")
+FRONT_MATTER = re.compile(r"^---\s*\n(.*?)\n---\s*(?:\n|$)", re.S)
 
 
 # --- what is being published --------------------------------------------------------------------------------------
@@ -131,14 +130,27 @@ def plan_card(pub: Publishable, repo: str) -> CardPlan:
             CardInfo(title=repo.split("/")[-1], base_model=base_hub, library_name=pub.library_name)
         return CardPlan("write", info.render(), ["no model card: writing one"])
     text = readme.read_text(encoding="utf-8", errors="replace")
-    meta = read_front_matter(readme)
-    fixed, notes = complete_front_matter(meta, pub.library_name, base_hub)
+    fixed, notes = complete_front_matter(front_matter_of(readme, text), pub.library_name, base_hub)
     if not notes:
         return CardPlan("keep", text)
-    body = re.sub(r"^---\s*\n.*?\n---\s*(\n|$)", "", text, count=1, flags=re.S) if meta or text.startswith("---") \
-        else text
     head = yaml.safe_dump(fixed, sort_keys=False, allow_unicode=True, width=1000)
-    return CardPlan("complete", f"---\n{head}---\n{body if body.startswith(chr(10)) else chr(10) + body}", notes)
+    body = FRONT_MATTER.sub("", text, count=1).lstrip("\n")
+    return CardPlan("complete", f"---\n{head}---\n\n{body}", notes)
+
+
+def front_matter_of(readme: Path, text: str) -> dict:
+    """The card's YAML front matter ({} when it has none); broken YAML is the user's to fix, not ours to drop."""
+    match = FRONT_MATTER.match(text)
+    if not match:
+        return {}
+    try:
+        meta = yaml.safe_load(match.group(1)) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{readme}: the front matter between the '---' lines is not valid YAML ({exc.problem}); "
+                        "fix it or delete README.md to get a new card") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{readme}: the front matter must be a YAML mapping (key: value lines)")
+    return meta
 
 
 def complete_front_matter(meta: dict, library_name: str, base_hub: str | None) -> tuple[dict, list[str]]:
@@ -278,7 +290,7 @@ def upload_hf(plan: UploadPlan, token: str | None) -> str:
         raise UserError("HF_HUB_OFFLINE=1 is set, which blocks every upload; unset it for this command")
     token = token or hub.get_token()
     if not token:
-        raise UserError("no Hugging Face token: pass --token, set HF_TOKEN, or run `hf auth login`")
+        raise UserError(f"no Hugging Face token: {LOGIN_HINT['Hugging Face']}")
     api = hub.HfApi(endpoint=plan.endpoint, token=token)
     try:
         url = api.create_repo(plan.repo, private=plan.private, exist_ok=True, repo_type="model")
@@ -291,10 +303,13 @@ def upload_hf(plan: UploadPlan, token: str | None) -> str:
     return f"{url} (commit {getattr(info, 'oid', '')[:10]})"
 
 
+LOGIN_HINT = {"Hugging Face": "pass --token, set HF_TOKEN or run `hf auth login`",
+              "ModelScope": "pass --token, set MODELSCOPE_API_TOKEN or run `modelscope login`"}
+
+
 def _hub_error(name: str, plan: UploadPlan, status: int | None, detail: str) -> str:
     if status in (401, 403):
-        return (f"{name} refused the token for {plan.repo} ({status}); check that it has write access "
-                f"(pass --token or log in again)")
+        return f"{name} refused the token for {plan.repo} ({status}): use one with write access ({LOGIN_HINT[name]})"
     return f"{name} upload of {plan.repo} failed ({status or 'no answer'}): {detail}"
 
 
@@ -312,11 +327,22 @@ def upload_modelscope(plan: UploadPlan, token: str | None) -> str:
                           commit_message=f"Upload {plan.pub.kind} with lowtune",
                           ignore_patterns=list(IGNORED) + [".*"])
     except Exception as exc:  # the client raises many types; all end here as one line without the token
-        status = getattr(exc, "status_code", None) or getattr(getattr(exc, "response", None), "status_code", None)
+        status = _status_of(exc)
         detail = str(exc).replace(token, "***") if token else str(exc)
         raise UserError(_hub_error("ModelScope", plan, status, detail.splitlines()[0] if detail else
                                    type(exc).__name__)) from None
     return f"{plan.endpoint}/models/{plan.repo}"
+
+
+def _status_of(exc: BaseException) -> int | None:
+    """The HTTP status behind an exception, looking through the causes (the client re-wraps its own errors)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        status = getattr(seen, "status_code", None) or getattr(getattr(seen, "response", None), "status_code", None)
+        if isinstance(status, int):
+            return status
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _ms_license(plan: UploadPlan) -> str:

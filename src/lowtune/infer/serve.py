@@ -455,13 +455,24 @@ async def _first_piece(pieces: AsyncIterator[str]) -> str | None:
         return None
 
 
+async def _prepend(first: str | None, rest: AsyncIterator[str]) -> AsyncIterator[str]:
+    if first is None:
+        return
+    yield first
+    async for piece in rest:
+        yield piece
+
+
 async def _stream_events(pieces: AsyncIterator[str], first: str | None, job: Job, cid: str, created: int,
                          model: str, include_usage: bool) -> AsyncIterator[str]:
     yield _sse(_chunk(cid, created, model, {"role": "assistant", "content": ""}))
+    started = False  # leading whitespace is dropped, as from the whole answer when not streaming
     try:
-        if first is not None:
-            yield _sse(_chunk(cid, created, model, {"content": first}))
-            async for piece in pieces:
+        async for piece in _prepend(first, pieces):
+            if not started:
+                piece = piece.lstrip()
+                started = bool(piece)
+            if piece:
                 yield _sse(_chunk(cid, created, model, {"content": piece}))
     except ApiError as exc:
         yield _sse(exc.body())
