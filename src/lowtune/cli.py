@@ -64,6 +64,51 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- training -----------------------------------------------------------------------------------------------------
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--resume", metavar="auto|PATH",
+                   help="continue from the newest complete checkpoint (auto) or a checkpoint / run folder")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, dataset summary and trainable parameters, then exit")
+    p.add_argument("--nproc", type=int, metavar="N", help="train on N processes / GPUs of this machine (torchrun)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lowtune.config import load_config
+    from lowtune.train import train
+
+    # flags may also follow the overrides (`train cfg.yaml train.lr=1e-4 --resume auto`)
+    late_parser = argparse.ArgumentParser(prog="lowtune train", add_help=False)
+    _train_flags(late_parser)
+    late, overrides = late_parser.parse_known_args(args.overrides)
+    unknown = [item for item in overrides if item.startswith("-")]
+    if unknown:
+        raise UserError(f"unknown option {unknown[0]} for `lowtune train`; see `lowtune train --help`")
+    cfg = load_config(args.config, overrides)
+    resume, dry_run, nproc = late.resume or args.resume, late.dry_run or args.dry_run, late.nproc or args.nproc
+    if nproc and nproc > 1 and not dry_run:
+        from lowtune.train.launch import in_worker, launch
+
+        if not in_worker():
+            return launch(nproc, [args.config, *overrides] + (["--resume", resume] if resume else []))
+    train(cfg, resume=resume, dry_run=dry_run)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from lowtune.train.plot import plot_loss
+
+    print(f"wrote {plot_loss(args.run)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lowtune.demo import run_demo
+
+    return run_demo(name=args.name, output=args.output)
+
+
 # --- after training -----------------------------------------------------------------------------------------------
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -254,6 +299,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("dest", nargs="?", help="file or folder (default ./RECIPE.yaml)")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
+
+    p = verb("train", cmd_train, "fine-tune (QLoRA / LoRA / full) as a config says; writes a run folder")
+    p.add_argument("config", metavar="CONFIG", help="YAML file or shipped recipe name (see `lowtune list`)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
+                   help="config overrides, e.g. train.lr=1e-4")
+    _train_flags(p)
+
+    p = verb("plot", cmd_plot, "draw a run's loss curve into RUN/loss.png")
+    p.add_argument("run", metavar="RUN", help="run folder")
+
+    p = verb("demo", cmd_demo, "tiny in-process model learns its identity on CPU, then answers (no download)")
+    p.add_argument("--name", default=None, help="the name the model learns (default 小明)")
+    p.add_argument("-o", "--output", default="runs/demo", metavar="DIR", help="run folder (default runs/demo)")
 
     p = verb("merge", cmd_merge, "merge a LoRA/QLoRA adapter into a full-precision copy of its base (HF folder)")
     p.add_argument("target", metavar="RUN|ADAPTER", help="run folder or PEFT adapter folder")

@@ -1,0 +1,150 @@
+"""Resumable checkpoints, written so that a kill at any moment never leaves one that resume would take.
+
+Layer 2 (train). A checkpoint is built in a hidden temp folder: accelerate's `save_state` (optimizer, scheduler,
+RNG of every process, fp16 scaler), the trainable weights (PEFT `adapter/`, or the full HF `model/` after full
+fine-tuning: both directly loadable by chat) and `trainer_state.json` (step = data position). The COMPLETE marker
+is written last, then the folder is renamed to `checkpoints/step-N`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lowtune.errors import UserError
+from lowtune.models.load import FULL_MODEL_DIR
+from lowtune.runs import CHECKPOINT_PREFIX, COMPLETE_MARKER, RunFolder, atomic_write_text, publish_dir
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+
+TRAINER_STATE = "trainer_state.json"
+ADAPTER_DIR = "adapter"
+
+
+def is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def save_trained(model: Any, folder: Path, is_main_process: bool = True) -> None:
+    """PEFT adapter files (or a full HF model folder) with safetensors.
+
+    Embedding layers are saved only when LoRA trains them; PEFT's 'auto' would otherwise look the base model up
+    on the hub to compare vocabularies, which fails offline.
+    """
+    kwargs: dict[str, Any] = {"safe_serialization": True, "is_main_process": is_main_process}
+    if is_peft(model):
+        kwargs["save_embedding_layers"] = any("lora_embedding" in name for name, _ in model.named_parameters())
+    model.save_pretrained(str(folder), **kwargs)
+
+
+# --- weights through accelerate's save/load hooks -----------------------------------------------------------------
+
+def install_weight_hooks(accelerator: Accelerator) -> None:
+    """Make save_state/load_state store only what is trained: a PEFT adapter (MBs, not the frozen base), or the
+    whole model as an HF folder after full fine-tuning."""
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        for model in models:
+            model = accelerator.unwrap_model(model)
+            sub = ADAPTER_DIR if is_peft(model) else FULL_MODEL_DIR
+            save_trained(model, Path(output_dir) / sub, accelerator.is_main_process)
+        weights.clear()
+
+    def load_hook(models: list, input_dir: str) -> None:
+        for model in models:
+            load_weights(accelerator.unwrap_model(model), Path(input_dir))
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Trained weights of a checkpoint (adapter/ or model/) into an already built model."""
+    from safetensors.torch import load_file
+
+    if is_peft(model):
+        from peft import set_peft_model_state_dict
+        from peft.utils import load_peft_weights
+
+        set_peft_model_state_dict(model, load_peft_weights(str(checkpoint / ADAPTER_DIR), device="cpu"))
+        return
+    state: dict = {}
+    for shard in sorted((checkpoint / FULL_MODEL_DIR).glob("*.safetensors")):
+        state.update(load_file(shard))
+    result = model.load_state_dict(state, strict=False)
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(dict(model.named_parameters()))
+    if result.unexpected_keys or set(result.missing_keys) - tied:
+        raise UserError(f"{checkpoint}: the saved model does not match this model "
+                        f"(missing {result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); "
+                        "resume with the same model.path and lora settings")
+
+
+# --- save / find / load -------------------------------------------------------------------------------------------
+
+def _temp_dir(run: RunFolder, step: int) -> Path:
+    return run.checkpoints_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
+
+
+def save_checkpoint(accelerator: Accelerator, run: RunFolder, step: int, trainer_state: dict,
+                    keep: int) -> Path:
+    """Write checkpoints/step-N atomically and keep only the newest `keep` complete checkpoints."""
+    tmp = _temp_dir(run, step)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    final = run.checkpoint_dir(step)
+    if accelerator.is_main_process:
+        atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2))
+        atomic_write_text(tmp / COMPLETE_MARKER, f"step {step}\n")  # last: its presence means "safe to resume"
+        publish_dir(tmp, final)
+        prune(run, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune(run: RunFolder, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints, and leftovers of interrupted writes."""
+    doomed = [path for _, path in run.complete_checkpoints()[:-keep]]
+    doomed += [p for p in run.checkpoints_dir.glob(".*") if p.is_dir()]
+    for path in doomed:
+        trash = path if path.name.startswith(".trash-") else path.with_name(f".trash-{path.name.lstrip('.')}")
+        if trash != path:
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(path, trash)  # never a half-deleted folder that still carries its COMPLETE marker
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def find_resume(run: RunFolder, resume: str | None) -> Path | None:
+    """The checkpoint to resume from: 'auto' = the newest complete one in the run folder (None if there is none);
+    a path = that checkpoint, or the newest complete one of that run folder."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return run.latest_checkpoint()
+    path = Path(resume)
+    if (path / COMPLETE_MARKER).is_file() and (path / TRAINER_STATE).is_file():
+        return path
+    if path.is_dir():
+        latest = RunFolder(path).latest_checkpoint()
+        if latest is not None:
+            return latest
+        if path.name.startswith(CHECKPOINT_PREFIX):
+            raise UserError(f"--resume {path}: this checkpoint is incomplete (its write was interrupted); "
+                            "use --resume auto to take the newest complete one")
+    raise UserError(f"--resume {resume}: no complete checkpoint there; give a checkpoints/step-N folder, a run "
+                    "folder, or 'auto'")
+
+
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> dict:
+    """Restore weights, optimizer, scheduler and RNG in place; return the trainer state (step, ...)."""
+    accelerator.load_state(str(checkpoint))
+    return json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))

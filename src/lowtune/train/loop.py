@@ -1,0 +1,384 @@
+"""The training loop: one readable path from a config to a finished run folder.
+
+Layer 2 (train); never imports infer or export. Order: reject bad settings (no model yet) -> tokenizer, template,
+data -> `--dry-run` stops here -> accelerate, model, LoRA, optimizer, schedule -> resume -> steps (eval loss and
+sample answers every eval.every, a checkpoint every save_every) -> adapter/ or model/, loss.png.
+
+Loss is token-normalised over the whole accumulation window: the summed token losses of every micro-batch are
+divided by the window's supervised-token count, so batch 8 x accumulation 1 equals batch 1 x accumulation 8.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lowtune.config import Config, check_combination, dump_config
+from lowtune.data.dataset import TrainData, build_dataset
+from lowtune.errors import UserError, require
+from lowtune.models.load import (FULL_MODEL_DIR, apply_lora, compute_dtype, count_parameters,
+                                 count_parameters_without_weights, default_device, load_model, load_tokenizer)
+from lowtune.models.resolve import resolve_model_dir
+from lowtune.runs import RunFolder
+from lowtune.templates import ChatTemplate, resolve_template, shipped
+from lowtune.train.batches import IGNORE_INDEX, StepPlan, collate, target_count, token_count
+from lowtune.train.checkpoint import find_resume, install_weight_hooks, load_checkpoint, save_checkpoint
+from lowtune.train.observe import (TENSORBOARD_DIR, ProgressBar, Recorder, Throughput, check_trackers, format_eta,
+                                   peak_memory_gb, truncate_jsonl, write_samples)
+from lowtune.train.optim import build_optimizer, build_scheduler, check_optimizer
+from lowtune.train.outputs import export_weights, write_run_header
+from lowtune.train.plot import plot_loss
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+    from rich.console import Console
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    """Optimizer steps reached (the total when training finished)."""
+    losses: list[float] = field(default_factory=list)
+    """Training loss of each step this call ran."""
+    trainable: int = 0
+    total: int = 0
+    samples: list[dict] = field(default_factory=list)
+    """The last sample answers."""
+    model: Any = None
+    """The trained model in memory (PEFT-wrapped for LoRA/QLoRA), for notebooks and tests."""
+    tokenizer: Any = None
+
+
+# --- before anything heavy ----------------------------------------------------------------------------------------
+
+def check_settings(cfg: Config) -> None:
+    """Every one-line rejection that needs no model: combinations, files, template names, optional packages."""
+    check_combination(cfg)
+    if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
+        raise UserError(f"train.max_steps must be positive (got {cfg.train.max_steps}); or null to use train.epochs")
+    if not cfg.data.train:
+        raise UserError("data.train is empty: give one or more dataset files (data.train=data/train.jsonl)")
+    for path in cfg.data.train:
+        if not Path(path).exists():
+            raise UserError(f"data.train: file not found: {path} (paths are relative to {Path.cwd()})")
+    if isinstance(cfg.data.eval, str) and cfg.data.eval and not Path(cfg.data.eval).exists():
+        raise UserError(f"data.eval: file not found: {cfg.data.eval}; give a file or a fraction like 0.05")
+    template = cfg.model.template
+    if template != "auto":
+        if template.endswith(".jinja"):
+            if not Path(template).is_file():
+                raise UserError(f"model.template: chat template file not found: {template}"
+                                + ("; eval.prompts need a template" if cfg.eval.prompts else ""))
+        else:
+            shipped(template)
+    if cfg.model.quantization != "none":
+        require("bitsandbytes", "qlora", f"model.quantization={cfg.model.quantization}")
+    check_optimizer(cfg.train.optimizer)
+    check_trackers(cfg.log.to)
+
+
+RUN_OUTPUTS = ("metrics_path", "samples_path", "loss_plot_path", "checkpoints_dir", "adapter_dir")
+
+
+def start_fresh(run: RunFolder, resume: str | None, overwrite: bool) -> None:
+    """Clear a run folder for a new run; refuse to clobber an earlier run unless asked to."""
+    outputs = [getattr(run, name) for name in RUN_OUTPUTS] + [run.root / FULL_MODEL_DIR, run.root / TENSORBOARD_DIR]
+    if resume is None and not overwrite and any(p.exists() for p in outputs[3:]):
+        raise UserError(f"{run.root} already holds a run; continue it with --resume auto, or train into another "
+                        f"folder (output.dir=runs/other), or delete {run.root}")
+    for path in outputs:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    run.root.mkdir(parents=True, exist_ok=True)
+
+
+# --- the pieces of one step ---------------------------------------------------------------------------------------
+
+def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token cross-entropy over supervised positions (fp32 logits).
+
+    No attention mask: right padding cannot be seen by earlier tokens, and position_ids that restart at 0 make
+    transformers build a per-sample (block-diagonal) causal mask for packed rows.
+    """
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    logits = logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _to(batch: dict, device: Any) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train_step(model: Any, optimizer: Any, scheduler: Any, accelerator: Accelerator, rows: list[dict],
+               window: list[list[int]], pad_id: int, max_grad_norm: float) -> tuple[float, float, int]:
+    """One optimizer step over a window of micro-batches; returns (window loss, grad norm, tokens)."""
+    import torch
+
+    batches = [collate([rows[i] for i in idx], pad_id) for idx in window]
+    local = torch.tensor([sum(target_count(b) for b in batches), sum(token_count([rows[i] for i in idx])
+                                                                      for idx in window)], device=accelerator.device)
+    targets, tokens = (int(v) for v in accelerator.reduce(local, "sum"))
+    # DDP averages gradients over processes, so each one scales its sum by world size / global targets
+    scale = accelerator.num_processes / max(targets, 1)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(batches):
+        sync = i == len(batches) - 1
+        with nullcontext() if sync else accelerator.no_sync(model):
+            micro = token_loss_sum(model, _to(batch, accelerator.device))
+            accelerator.backward(micro * scale)
+        loss_sum += micro.detach()
+    assert model.training, "training step in eval mode: checkpointing and dropout would be off"
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    optimizer.step()
+    if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped it, keep the schedule
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss = float(accelerator.reduce(loss_sum, "sum")) / max(targets, 1)
+    return loss, float(grad_norm), tokens
+
+
+def evaluate(model: Any, samples: list[dict], batch_size: int, pad_id: int, accelerator: Accelerator) -> float:
+    """Token-mean loss over the eval samples (each process takes a share), in eval mode; train mode after."""
+    import torch
+
+    model.eval()
+    local = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    stride = batch_size * accelerator.num_processes
+    with torch.no_grad():
+        for start in range(accelerator.process_index * batch_size, len(samples), stride):
+            batch = collate(samples[start:start + batch_size], pad_id)
+            local[0] += float(token_loss_sum(model, _to(batch, accelerator.device)))
+            local[1] += target_count(batch)
+    model.train()
+    total, count = accelerator.reduce(local, "sum").tolist()
+    return total / max(count, 1)
+
+
+class StopRequest:
+    """Ctrl-C asks the loop to finish the current step and save a checkpoint; a second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._first = 0.0
+        self._previous: Any = None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """True when any process was asked to stop: all of them checkpoint the same step and leave together."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        import torch
+
+        flag = torch.tensor([int(self.requested)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, "sum").item())
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        # a repeat within a second is the same request (under torchrun it arrives from the terminal and the agent)
+        if self.requested and time.monotonic() - self._first > 1.0:
+            raise KeyboardInterrupt
+        if not self.requested:
+            self.requested, self._first = True, time.monotonic()
+
+
+# --- setup --------------------------------------------------------------------------------------------------------
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """fp32 on CPU; bf16 autocast where the GPU has it, else fp16 with loss scaling (model.dtype overrides)."""
+    import torch
+    from accelerate import Accelerator
+
+    device = default_device()
+    dtype = compute_dtype(cfg.model.dtype, device)
+    mixed = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}[dtype]
+    return Accelerator(mixed_precision=mixed, cpu=device == "cpu")
+
+
+def build_model(cfg: Config, model_dir: Path, accelerator: Accelerator) -> Any:
+    """Base model (4/8-bit for QLoRA) + LoRA, or all weights trainable in fp32 (full FT; autocast computes)."""
+    dtype = cfg.model.dtype if cfg.lora.enabled else "fp32"
+    model = load_model(model_dir, cfg.model.quantization, cfg.model.double_quant, dtype, str(accelerator.device),
+                       cfg.model.trust_remote_code)
+    return apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+
+
+def _describe_plan(plan: StepPlan, total: int, cfg: Config, trainable: int, params: int) -> str:
+    share = 100 * trainable / max(params, 1)
+    method = "full fine-tuning" if not cfg.lora.enabled else \
+        ("QLoRA" if cfg.model.quantization != "none" else "LoRA") + f" r={cfg.lora.r}"
+    return (f"plan: {method}, {trainable:,} trainable of {params:,} parameters ({share:.2f}%)\n"
+            f"      {plan.num_rows} rows, batch {plan.batch_size} x accumulation {plan.grad_accum} x "
+            f"{plan.world_size} process(es) -> {plan.steps_per_epoch} steps/epoch, {total} steps")
+
+
+# --- the run ------------------------------------------------------------------------------------------------------
+
+def _say(console: Console, text: str) -> None:
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _dry_run(console: Console, cfg: Config, model_dir: Path, tokenizer: Any, template: ChatTemplate,
+             data: TrainData, plan: StepPlan, total: int, run: RunFolder) -> TrainResult:
+    """What would train, without loading weights (parameter counts come from a meta-device copy)."""
+    trainable, params = count_parameters_without_weights(model_dir, cfg.lora, cfg.model.trust_remote_code)
+    _say(console, dump_config(cfg))
+    _say(console, data.describe())
+    _say(console, f"template: {template.name}, stop ids {template.stop_token_ids(tokenizer)}")
+    _say(console, _describe_plan(plan, total, cfg, trainable, params))
+    return TrainResult(run.root, 0, trainable=trainable, total=params)
+
+
+def _restore(accelerator: Accelerator, checkpoint: Path, run: RunFolder, plan: StepPlan, console: Console) -> int:
+    """Load a checkpoint; cut metrics/samples back to its step so the record stays continuous. Returns the step."""
+    state = load_checkpoint(accelerator, checkpoint)
+    step = int(state["step"])
+    if accelerator.is_main_process:
+        truncate_jsonl(run.metrics_path, step)
+        truncate_jsonl(run.samples_path, step)
+        _say(console, f"resumed from {checkpoint} at step {step}")
+        same = (state.get("rows"), state.get("batch_size"), state.get("grad_accum"), state.get("processes"),
+                state.get("seed")) == (plan.num_rows, plan.batch_size, plan.grad_accum, plan.world_size, plan.seed)
+        if not same:
+            _say(console, "note: data, batch, accumulation, process count or seed changed since that checkpoint; "
+                          "the data order from here differs from an uninterrupted run")
+    return step
+
+
+def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console: Console | None = None,
+          overwrite: bool = False) -> TrainResult:
+    """Train as the config says and write the run folder; `resume` = 'auto' or a checkpoint / run folder path."""
+    from accelerate.utils import set_seed
+    from rich.console import Console
+    from transformers.utils import logging as hf_logging
+
+    console = console or Console(highlight=False)
+    check_settings(cfg)
+    run = RunFolder(Path(cfg.output.dir))
+    checkpoint = find_resume(run, resume)
+    model_dir = resolve_model_dir(cfg.model.path, cfg.model.hub, cfg.model.revision)
+    tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
+    template = resolve_template(cfg.model.template, tokenizer, model_dir)
+    data = build_dataset(cfg, tokenizer, template)
+    if dry_run:
+        plan = StepPlan(len(data.train), cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed)
+        total = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
+        return _dry_run(console, cfg, model_dir, tokenizer, template, data, plan, total, run)
+
+    hf_logging.disable_progress_bar()  # our own bar is the one to watch
+    accelerator = make_accelerator(cfg)
+    main = accelerator.is_main_process
+    plan = StepPlan(len(data.train), cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed,
+                    accelerator.num_processes, accelerator.process_index)
+    total = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
+    if main:
+        if checkpoint is None:
+            start_fresh(run, resume, overwrite)
+        write_run_header(run, cfg, model_dir, tokenizer, template)
+    accelerator.wait_for_everyone()
+
+    set_seed(cfg.train.seed)
+    model = build_model(cfg, model_dir, accelerator)
+    trainable, params = count_parameters(model)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, total)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    install_weight_hooks(accelerator)
+    accelerator.register_for_checkpointing(scheduler)
+    step = _restore(accelerator, checkpoint, run, plan, console) if checkpoint is not None else 0
+    if main:
+        _say(console, data.describe())
+        _say(console, _describe_plan(plan, total, cfg, trainable, params))
+    result = TrainResult(run.root, step, trainable=trainable, total=params,
+                         model=accelerator.unwrap_model(model), tokenizer=tokenizer)
+    recorder = Recorder(run, cfg, console, enabled=main)
+    try:
+        _fit(cfg, run, model, tokenizer, template, data, plan, total, step, optimizer, scheduler, accelerator,
+             recorder, console, result)
+    finally:
+        recorder.close()
+    if main:
+        export_weights(accelerator.unwrap_model(model), tokenizer, template, run, cfg)
+        plot_loss(run.root)
+        _say(console, f"done: {run.root} (continue with: lowtune chat {run.root})")
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _fit(cfg: Config, run: RunFolder, model: Any, tokenizer: Any, template: ChatTemplate, data: TrainData,
+         plan: StepPlan, total: int, step: int, optimizer: Any, scheduler: Any, accelerator: Accelerator,
+         recorder: Recorder, console: Console, result: TrainResult) -> None:
+    """The step loop: eval + samples at step 0, every eval.every and at the end; checkpoints every save_every."""
+    main = accelerator.is_main_process
+    pad_id = tokenizer.pad_token_id
+    meter = Throughput(first_step=step, total_steps=total)
+
+    def trainer_state(at: int) -> dict:
+        return {"step": at, "epoch": round(plan.epoch_of(at), 4), "total_steps": total, "rows": plan.num_rows,
+                "batch_size": plan.batch_size, "grad_accum": plan.grad_accum, "processes": plan.world_size,
+                "seed": plan.seed}
+
+    with ProgressBar(console, total, step, enabled=main) as bar, StopRequest() as stop:
+        def observe(at: int) -> None:
+            if data.eval:
+                eval_loss = evaluate(model, data.eval, cfg.train.batch_size, pad_id, accelerator)
+                recorder.log({"step": at, "eval_loss": round(eval_loss, 6)})
+                if main:
+                    bar.print(f"step {at}: eval loss {eval_loss:.4f}")
+            if main:
+                result.samples = write_samples(accelerator.unwrap_model(model), tokenizer, template, cfg.eval, at,
+                                               run, bar.print)
+
+        if step == 0:
+            observe(0)
+        while step < total:
+            loss, grad_norm, tokens = train_step(model, optimizer, scheduler, accelerator, data.train,
+                                                 plan.window(step + 1), pad_id, cfg.train.max_grad_norm)
+            step += 1
+            result.steps = step
+            result.losses.append(loss)
+            meter.update(tokens)
+            tokens_per_s, eta = meter.rates(step)
+            row = {"step": step, "epoch": round(plan.epoch_of(step), 4), "loss": round(loss, 6),
+                   "lr": scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 6),
+                   "tokens_per_s": round(tokens_per_s, 1), "peak_mem_gb": round(peak_memory_gb(accelerator.device), 3),
+                   "eta": format_eta(eta)}
+            recorder.log(row)
+            if main:
+                bar.update(step, row)
+                if step % cfg.train.log_every == 0 or step in (1, total):
+                    bar.print(f"step {step}/{total}  loss {loss:.4f}  lr {row['lr']:.2e}  grad_norm {grad_norm:.3f}"
+                              f"  {tokens_per_s:.0f} tok/s  mem {row['peak_mem_gb']:.2f} GiB  eta {row['eta']}")
+            if step % cfg.eval.every == 0 or step == total:
+                observe(step)
+            stopping = stop.agreed(accelerator)
+            if step % cfg.train.save_every == 0 or step == total or stopping:
+                path = save_checkpoint(accelerator, run, step, trainer_state(step), cfg.train.save_limit)
+                if main and step != total:
+                    bar.print(f"saved {path}")
+            if stopping:
+                if main:
+                    bar.print(f"interrupted at step {step}: saved {run.checkpoint_dir(step)}; continue with "
+                              f"`lowtune train {run.config_path} --resume auto`")
+                raise KeyboardInterrupt

@@ -1,0 +1,52 @@
+"""`--nproc 2` (torchrun, DDP on CPU through gloo): 2 processes x batch 1 give the losses of 1 process x batch 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lowtune.config import load_config
+from lowtune.train import train
+
+
+def write_setup(tmp_path: Path, out: str) -> Path:
+    rows = [{"messages": [{"role": "user", "content": f"question {i}?" + " more" * (i % 5)},
+                          {"role": "assistant", "content": f"Answer {i}." + " again" * (i % 3)}]} for i in range(16)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = {
+        "model": {"path": "builtin:micro", "quantization": "none"},
+        "data": {"train": str(data), "max_length": 64, "packing": False, "eval": 0.25},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "train": {"max_steps": 4, "batch_size": 2, "grad_accum": 2, "lr": 3.0e-3, "save_every": 100},
+        "eval": {"every": 2, "prompts": []},
+        "log": {"to": []},
+        "output": {"dir": str(tmp_path / out)},
+    }
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def metrics(run: Path) -> tuple[list[float], list[float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r], [r["eval_loss"] for r in rows if "eval_loss" in r]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path):
+    train(load_config(str(write_setup(tmp_path, "single"))))
+    config = write_setup(tmp_path, "ddp")
+    proc = subprocess.run([sys.executable, "-m", "lowtune.cli", "train", str(config), "train.batch_size=1",
+                           "--nproc", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    single, ddp = metrics(tmp_path / "single"), metrics(tmp_path / "ddp")
+    assert len(ddp[0]) == 4 and len(ddp[1]) == 3
+    assert ddp[0] == pytest.approx(single[0], rel=1e-4)
+    assert ddp[1] == pytest.approx(single[1], rel=1e-4)
+    assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").is_file()
