@@ -114,9 +114,15 @@ def lora_targets(model: PreTrainedModel, targets: str | list[str]) -> list[str]:
 
 
 def enable_checkpointing(model: PreTrainedModel) -> None:
-    """Activation checkpointing (non-reentrant, so frozen inputs need no requires_grad hack)."""
+    """Activation checkpointing (non-reentrant, so frozen inputs need no requires_grad hack).
+
+    `gradient_checkpointing_enable` exists in every transformers 5 release; later ones rename it
+    `activation_checkpointing_enable` and warn on the old name.
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _keep_4bit_weights_differentiable(model: Any) -> None:

@@ -33,7 +33,7 @@ from lowtune.train.checkpoint import find_resume, install_weight_hooks, load_che
 from lowtune.train.observe import (TENSORBOARD_DIR, ProgressBar, Recorder, Throughput, check_trackers, format_eta,
                                    peak_memory_gb, truncate_jsonl, write_samples)
 from lowtune.train.optim import build_optimizer, build_scheduler, check_optimizer
-from lowtune.train.outputs import export_weights, write_run_header
+from lowtune.train.outputs import export_weights, library_versions, write_run_header
 from lowtune.train.plot import plot_loss
 
 if TYPE_CHECKING:
@@ -209,10 +209,13 @@ def make_accelerator(cfg: Config) -> Accelerator:
     """fp32 on CPU; bf16 autocast where the GPU has it, else fp16 with loss scaling (model.dtype overrides)."""
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     device = default_device()
     dtype = compute_dtype(cfg.model.dtype, device)
     mixed = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "no"}[dtype]
+    # accelerate keeps one precision per process; a later train() in the same process (a notebook) may want another
+    AcceleratorState._reset_state()
     return Accelerator(mixed_precision=mixed, cpu=device == "cpu")
 
 
@@ -243,6 +246,7 @@ def _dry_run(console: Console, cfg: Config, model_dir: Path, tokenizer: Any, tem
              data: TrainData, plan: StepPlan, total: int, run: RunFolder) -> TrainResult:
     """What would train, without loading weights (parameter counts come from a meta-device copy)."""
     trainable, params = count_parameters_without_weights(model_dir, cfg.lora, cfg.model.trust_remote_code)
+    cfg.versions = library_versions()
     _say(console, dump_config(cfg))
     _say(console, data.describe())
     _say(console, f"template: {template.name}, stop ids {template.stop_token_ids(tokenizer)}")
@@ -339,7 +343,8 @@ def _fit(cfg: Config, run: RunFolder, model: Any, tokenizer: Any, template: Chat
                 "batch_size": plan.batch_size, "grad_accum": plan.grad_accum, "processes": plan.world_size,
                 "seed": plan.seed}
 
-    with ProgressBar(console, total, step, enabled=main) as bar, StopRequest() as stop:
+    # a live bar only on a terminal; logs (CI, nohup) get the plain step lines alone
+    with ProgressBar(console, total, step, enabled=main and console.is_terminal) as bar, StopRequest() as stop:
         def observe(at: int) -> None:
             if data.eval:
                 eval_loss = evaluate(model, data.eval, cfg.train.batch_size, pad_id, accelerator)
