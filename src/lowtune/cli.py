@@ -144,6 +144,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(engine, sampling, prompt=args.prompt, compare=args.compare)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lowtune.infer.chat import make_sampling
+    from lowtune.infer.engine import load_engine
+    from lowtune.infer.evaluate import eval_output_path, evaluate, show_report, write_report
+
+    path = eval_output_path(args.target, args.output)
+    print(f"loading {args.target} ...", file=sys.stderr, flush=True)
+    engine = load_engine(args.target, adapter=args.adapter, bits=args.bits, template=args.template,
+                         system=args.system)
+    report = evaluate(engine, args.data, args.n, make_sampling(args.max_new_tokens), args.max_length,
+                      with_base=not args.no_base)
+    write_report(report, path)
+    show_report(report, path)
+    return 0
+
+
 def _engine_for(args: argparse.Namespace):
     from lowtune.infer.engine import load_engine
 
@@ -183,22 +199,6 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     result = deploy(args.dir, args.target, args.output, repo=args.repo, force=args.force)
     print(f"wrote {result.out_dir}/: {', '.join(result.files)} (model {result.model_id}, stop ids {result.stop_ids})")
     print(f"run it here: cd {result.out_dir} && python app.py   (README.md says how to publish it)")
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from lowtune.infer.chat import make_sampling
-    from lowtune.infer.engine import load_engine
-    from lowtune.infer.evaluate import eval_output_path, evaluate, show_report, write_report
-
-    path = eval_output_path(args.target, args.output)
-    print(f"loading {args.target} ...", file=sys.stderr, flush=True)
-    engine = load_engine(args.target, adapter=args.adapter, bits=args.bits, template=args.template,
-                         system=args.system)
-    report = evaluate(engine, args.data, args.n, make_sampling(args.max_new_tokens), args.max_length,
-                      with_base=not args.no_base)
-    write_report(report, path)
-    show_report(report, path)
     return 0
 
 
@@ -345,6 +345,19 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "or https://google.serper.dev)")
     p.add_argument("--python-timeout", type=float, default=10.0, help="agent: seconds per Python run (default 10)")
 
+    p = verb("eval", cmd_eval, "loss / perplexity and sample answers on a test split (writes RUN/eval.json)")
+    p.add_argument("target", metavar="RUN", help="run folder (or a model folder with -o)")
+    p.add_argument("--data", required=True, metavar="FILE", help="test split, any supported data format")
+    p.add_argument("-n", type=int, default=5, help="sample answers shown beside their references (default 5)")
+    p.add_argument("-o", "--output", metavar="FILE", help="report file (default RUN/eval.json)")
+    p.add_argument("--adapter", metavar="PATH", help="PEFT adapter to put on the model")
+    p.add_argument("--bits", type=int, choices=[4, 8], help="load the base in 4-bit (NF4) or 8-bit")
+    p.add_argument("--template", help="chat template override")
+    p.add_argument("--system", help="system prompt for conversations without one (default: the run's)")
+    p.add_argument("--max-length", type=int, help="truncate conversations (default: the run's data.max_length)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="sample answer length limit (default 256)")
+    p.add_argument("--no-base", action="store_true", help="skip the base model's loss")
+
     p = verb("web", cmd_web, "browser chat (Gradio) with system prompt and sampling controls; local only")
     p.add_argument("target", metavar="MODEL|RUN", help="run folder, adapter folder, model folder, hub id or builtin:NAME")
     p.add_argument("--host", help="address to listen on (default $GRADIO_SERVER_NAME or 127.0.0.1)")
@@ -376,19 +389,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="APPDIR", help="folder to write the app into")
     p.add_argument("--repo", metavar="ID", help="hub repo the app loads (default: this local folder)")
     p.add_argument("--force", action="store_true", help="replace a non-empty APPDIR")
-
-    p = verb("eval", cmd_eval, "loss / perplexity and sample answers on a test split (writes RUN/eval.json)")
-    p.add_argument("target", metavar="RUN", help="run folder (or a model folder with -o)")
-    p.add_argument("--data", required=True, metavar="FILE", help="test split, any supported data format")
-    p.add_argument("-n", type=int, default=5, help="sample answers shown beside their references (default 5)")
-    p.add_argument("-o", "--output", metavar="FILE", help="report file (default RUN/eval.json)")
-    p.add_argument("--adapter", metavar="PATH", help="PEFT adapter to put on the model")
-    p.add_argument("--bits", type=int, choices=[4, 8], help="load the base in 4-bit (NF4) or 8-bit")
-    p.add_argument("--template", help="chat template override")
-    p.add_argument("--system", help="system prompt for conversations without one (default: the run's)")
-    p.add_argument("--max-length", type=int, help="truncate conversations (default: the run's data.max_length)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="sample answer length limit (default 256)")
-    p.add_argument("--no-base", action="store_true", help="skip the base model's loss")
 
     data = sub.add_parser("data", help="datasets: convert, identity, split, preview",
                           description="datasets: convert any format to canonical JSONL, make self-cognition data, "
