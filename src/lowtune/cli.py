@@ -96,6 +96,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from lowtune.config import load_config
+    from lowtune.train.estimate import estimate
+
+    return estimate(load_config(args.config, args.overrides), args.gpu_memory, Console(highlight=False))
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from lowtune.train.plot import plot_loss
 
@@ -305,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
                    help="config overrides, e.g. train.lr=1e-4")
     _train_flags(p)
+
+    p = verb("estimate", cmd_estimate, "forecast peak GPU memory and time for a config; shows the plan train picks")
+    p.add_argument("config", metavar="CONFIG", help="YAML file or shipped recipe name")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.max_length=1024")
+    p.add_argument("--gpu-memory", type=float, metavar="GiB", help="plan for a GPU of this size (default: this GPU)")
 
     p = verb("plot", cmd_plot, "draw a run's loss curve into RUN/loss.png")
     p.add_argument("run", metavar="RUN", help="run folder")

@@ -79,8 +79,17 @@ class TrainSection(_Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
-    gradient_checkpointing: bool = True
+    micro_batch: int | Literal["auto"] = "auto"
+    """Rows per forward pass; batch_size x grad_accum rows make one optimizer step whatever the split.
+    auto: the largest split that fits the GPU's memory (batch_size on CPU)."""
+    optimizer: Literal["auto", "adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "auto"
+    """auto: AdamW, or paged 8-bit AdamW when 32-bit states do not fit the GPU."""
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """auto: only when activations would not fit the GPU's memory (off on CPU)."""
+    offload_activations: bool | Literal["auto"] = "auto"
+    """Keep checkpointed layer inputs in CPU memory; auto: only when they would not fit the GPU."""
+    compile: bool | Literal["auto"] = "auto"
+    """torch.compile each decoder layer; auto: on CUDA."""
     save_every: int = Field(500, gt=0)
     save_limit: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)

@@ -16,7 +16,12 @@ LIGER_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3
 
 
 def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
-    """(decoder stack, lm_head) of a causal LM, looking through a PEFT wrapper; None when the head is unusual."""
+    """(decoder stack, lm_head) of a causal LM, looking through a PEFT wrapper; None when the head is unusual.
+
+    None under DistributedDataParallel too: calling the decoder directly would skip DDP's gradient hooks.
+    """
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = getattr(base, "model", None), getattr(base, "lm_head", None)
     if decoder is None or head is None:
@@ -58,3 +63,17 @@ def enable_fast_path(model: Any) -> list[str]:
                                     fused_linear_cross_entropy=False)
     applied.append("liger(rope,rms_norm,swiglu)")
     return applied
+
+
+def compile_layers(model: Any) -> int:
+    """torch.compile each decoder layer (regional compilation: one graph reused by every layer); returns count."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if layers is None:
+        return 0
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True  # a layer dynamo cannot compile runs eagerly instead of failing
+    for layer in layers:
+        layer.compile()
+    return len(layers)

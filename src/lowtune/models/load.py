@@ -77,7 +77,8 @@ def quantization_config(quantization: str, double_quant: bool, dtype: torch.dtyp
 
 
 def load_model(model_dir: str | Path, quantization: str = "none", double_quant: bool = True, dtype: str = "auto",
-               device: str | None = None, trust_remote_code: bool = False) -> PreTrainedModel:
+               device: str | None = None, trust_remote_code: bool = False,
+               attn_implementation: str | None = None) -> PreTrainedModel:
     """A causal LM from a local folder, on one device, quantised when asked; returned in train mode."""
     from transformers import AutoModelForCausalLM
 
@@ -87,6 +88,8 @@ def load_model(model_dir: str | Path, quantization: str = "none", double_quant: 
     bnb = quantization_config(quantization, double_quant, torch_dtype)
     if bnb is not None:
         kwargs["quantization_config"] = bnb
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     except (OSError, ValueError) as exc:
@@ -138,14 +141,13 @@ def _keep_4bit_weights_differentiable(model: Any) -> None:
 
 def apply_lora(model: PreTrainedModel, lora: LoraSection, gradient_checkpointing: bool = True) -> PreTrainedModel:
     """Wrap with a PEFT LoRA adapter (or leave every weight trainable for full fine-tuning); train mode."""
-    quantized = bool(getattr(model, "is_quantized", False))
-    if quantized:
-        from peft import prepare_model_for_kbit_training
-
+    if getattr(model, "is_quantized", False):
+        # Not peft's prepare_model_for_kbit_training: its fp32 copies of norms, embeddings and head turn the
+        # whole residual stream fp32 (about a third of a QLoRA step on a GPU). RMSNorm already computes in fp32
+        # and the loss upcasts its logits chunk by chunk, so bf16/fp16 weights lose nothing here.
         _keep_4bit_weights_differentiable(model)
-
-        # casts norms/head to fp32 for stable 4-bit training; checkpointing is enabled below, once
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        for param in model.parameters():
+            param.requires_grad_(False)
     if lora.enabled:
         from peft import LoraConfig, get_peft_model
 

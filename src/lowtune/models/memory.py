@@ -14,10 +14,14 @@ from dataclasses import dataclass, field
 GIB = 2**30
 NF4_BYTES_PER_PARAM = 4.127 / 8  # NF4 + double quantisation (QLoRA paper)
 WORKSPACE_BYTES = int(0.35 * GIB)  # allocator slack, cuBLAS workspace, one chunk of fused cross-entropy
-OPTIMIZER_BYTES_PER_PARAM = {  # fp32 master weight + fp32 grad + optimizer state
-    "adamw": 4 + 4 + 8, "paged_adamw": 4 + 4 + 8, "adamw_8bit": 4 + 4 + 2, "paged_adamw_8bit": 4 + 4 + 2,
+OPTIMIZER_BYTES_PER_PARAM = {  # fp32 master weight + fp32 grad + optimizer state in the allocator
+    "adamw": 4 + 4 + 8, "adamw_8bit": 4 + 4 + 2,
+    # paged states live in CUDA unified memory, evicted to the host under pressure: not in the allocator's peak
+    "paged_adamw": 4 + 4, "paged_adamw_8bit": 4 + 4,
 }
 MAX_TOKENS_PER_MICRO_BATCH = 16384  # beyond this, GEMMs are saturated and memory is better spent elsewhere
+HALF_SPEED_TOKENS = 4096  # micro-batch size at which a 7B step reaches about half its large-batch speed (H200)
+MODE_SPEED = {(False, False): 1.0, (True, False): 0.75, (True, True): 0.7}  # no ckpt / ckpt / ckpt + offload
 
 
 @dataclass(frozen=True)
@@ -119,25 +123,30 @@ def forecast(shape: Shape, *, quantization: str, lora_r: int | None, optimizer: 
 
 def plan_memory(shape: Shape, *, capacity_bytes: int, seq_len: int, rows_per_step: int, quantization: str,
                 lora_r: int | None, optimizer: str = "auto", allow_no_checkpointing: bool = True) -> MemoryPlan:
-    """The fastest setting that fits: no checkpointing with the largest micro-batch, else checkpointing, else
-    checkpointing with the saved layer inputs on the CPU; 8-bit optimizer states when 32-bit ones do not fit.
+    """The setting expected to train fastest among those that fit.
 
+    Speed is scored as t / (t + HALF_SPEED_TOKENS) for t tokens per micro-batch, times a mode factor (recomputing
+    costs about a quarter, offloading a little more; measured on an H200, bench/RESULTS.md): bigger micro-batches
+    win while the GPU is far from saturated, then skipping recomputation wins. Ties go to 32-bit optimizer states, then to less memory.
     The micro-batch always divides rows_per_step (batch_size x grad_accum), so the optimizer sees the same rows.
+    When nothing fits, the leanest setting is returned (its `fits` is False).
     """
     optimizers = ["adamw", "paged_adamw_8bit"] if optimizer == "auto" else [optimizer]
     micro_options = [m for m in range(rows_per_step, 0, -1) if rows_per_step % m == 0
                      and (m * seq_len <= MAX_TOKENS_PER_MICRO_BATCH or m == 1)]
-    modes = ([(False, False)] if allow_no_checkpointing else []) + [(True, False), (True, True)]
-    fallback = None
-    for opt in optimizers:
+    modes = [mode for mode in MODE_SPEED if allow_no_checkpointing or mode[0]]
+    plans = []
+    for rank, opt in enumerate(optimizers):
         for checkpointing, offload in modes:
             for micro in micro_options:
                 parts = forecast(shape, quantization=quantization, lora_r=lora_r, optimizer=opt,
                                  tokens=micro * seq_len, checkpointing=checkpointing, offload=offload)
                 plan = MemoryPlan(micro, rows_per_step // micro, checkpointing, offload, opt, sum(parts.values()),
                                   capacity_bytes, parts)
-                if plan.fits:
-                    return plan
-                fallback = plan
-    assert fallback is not None
-    return fallback
+                tokens = micro * seq_len
+                speed = tokens / (tokens + HALF_SPEED_TOKENS) * MODE_SPEED[(checkpointing, offload)]
+                plans.append((plan, (speed, -rank, -plan.peak_bytes)))
+    fitting = [(plan, score) for plan, score in plans if plan.fits]
+    if fitting:
+        return max(fitting, key=lambda item: item[1])[0]
+    return min((plan for plan, _ in plans), key=lambda plan: plan.peak_bytes)

@@ -18,7 +18,7 @@ from lowtune.data.encode import IGNORE_INDEX
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["IGNORE_INDEX", "StepPlan", "collate", "target_count", "token_count"]
+__all__ = ["IGNORE_INDEX", "StepPlan", "collate", "collate_flat", "target_count", "token_count"]
 
 
 def _positions(row: dict) -> list[int]:
@@ -43,6 +43,28 @@ def collate(rows: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
         labels.append(lab + [IGNORE_INDEX] * pad)
         positions.append(pos + list(range(pad)))
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions)}
+
+
+def collate_flat(rows: Sequence[dict]) -> dict:
+    """Concatenate rows into one row with no padding; `cu_seq_lens` mark every sample for varlen attention.
+
+    Labels at each sample's first position are ignored, exactly as in `collate`, so the losses are equal.
+    """
+    import torch
+
+    ids, labels, positions, bounds, longest = [], [], [], [0], 0
+    for row in rows:
+        pos = _positions(row)
+        ids.extend(row["input_ids"])
+        labels.extend(IGNORE_INDEX if p == 0 else t for t, p in zip(row["labels"], pos))
+        positions.extend(pos)
+    starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+    for start, end in zip(starts, starts[1:]):
+        bounds.append(end)
+        longest = max(longest, end - start)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions]),
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def target_count(batch: dict[str, torch.Tensor]) -> int:

@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,11 +29,13 @@ from lowtune.models.load import (FULL_MODEL_DIR, apply_lora, compute_dtype, coun
 from lowtune.models.resolve import resolve_model_dir
 from lowtune.runs import RunFolder
 from lowtune.templates import ChatTemplate, resolve_template, shipped
-from lowtune.train.batches import IGNORE_INDEX, StepPlan, collate, target_count, token_count
+from lowtune.kernels import causal_lm_loss_sum, compile_layers, enable_fast_path
+from lowtune.train.batches import IGNORE_INDEX, StepPlan, collate, collate_flat, target_count, token_count
 from lowtune.train.checkpoint import find_resume, install_weight_hooks, load_checkpoint, save_checkpoint
 from lowtune.train.observe import (TENSORBOARD_DIR, ProgressBar, Recorder, Throughput, check_trackers, format_eta,
                                    peak_memory_gb, truncate_jsonl, write_samples)
 from lowtune.train.optim import build_optimizer, build_scheduler, check_optimizer
+from lowtune.train.plan import DevicePlan, check_micro_batch, plan_device
 from lowtune.train.outputs import export_weights, library_versions, write_run_header
 from lowtune.train.plot import plot_loss
 
@@ -63,6 +66,7 @@ class TrainResult:
 def check_settings(cfg: Config) -> None:
     """Every one-line rejection that needs no model: combinations, files, template names, optional packages."""
     check_combination(cfg)
+    check_micro_batch(cfg)
     if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
         raise UserError(f"train.max_steps must be positive (got {cfg.train.max_steps}); or null to use train.epochs")
     if not cfg.data.train:
@@ -105,30 +109,48 @@ def start_fresh(run: RunFolder, resume: str | None, overwrite: bool) -> None:
 
 # --- the pieces of one step ---------------------------------------------------------------------------------------
 
-def token_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over supervised positions (fp32 logits).
+def token_loss_sum(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """Sum of next-token cross-entropy over supervised positions, in fp32, one chunk of logits at a time.
 
     No attention mask: right padding cannot be seen by earlier tokens, and position_ids that restart at 0 make
-    transformers build a per-sample (block-diagonal) causal mask for packed rows.
+    transformers build a per-sample (block-diagonal) causal mask for packed rows. Padding-free batches carry
+    `cu_seq_lens_*` for the varlen attention kernel instead.
     """
-    import torch.nn.functional as F
-
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    logits = logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    extra = {k: v for k, v in batch.items() if k.startswith(("cu_seq_lens", "max_length"))}
+    return causal_lm_loss_sum(model, batch, **extra)
 
 
 def _to(batch: dict, device: Any) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def reset_peak_memory(device: Any) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def make_batch(rows: Sequence[dict], pad_id: int, plan: DevicePlan | None) -> dict:
+    return collate_flat(rows) if plan is not None and plan.flat_batches else collate(rows, pad_id)
+
+
+def _activation_place(plan: DevicePlan | None) -> Any:
+    """Checkpointed layer inputs go to pinned CPU memory when the plan says so."""
+    import torch
+
+    if plan is not None and plan.offload:
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+    return nullcontext()
 
 
 def train_step(model: Any, optimizer: Any, scheduler: Any, accelerator: Accelerator, rows: list[dict],
-               window: list[list[int]], pad_id: int, max_grad_norm: float) -> tuple[float, float, int]:
+               window: list[list[int]], pad_id: int, max_grad_norm: float,
+               plan: DevicePlan | None = None) -> tuple[float, float, int]:
     """One optimizer step over a window of micro-batches; returns (window loss, grad norm, tokens)."""
     import torch
 
-    batches = [collate([rows[i] for i in idx], pad_id) for idx in window]
+    batches = [make_batch([rows[i] for i in idx], pad_id, plan) for idx in window]
     local = torch.tensor([sum(target_count(b) for b in batches), sum(token_count([rows[i] for i in idx])
                                                                       for idx in window)], device=accelerator.device)
     targets, tokens = (int(v) for v in accelerator.reduce(local, "sum"))
@@ -138,7 +160,8 @@ def train_step(model: Any, optimizer: Any, scheduler: Any, accelerator: Accelera
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1
         with nullcontext() if sync else accelerator.no_sync(model):
-            micro = token_loss_sum(model, _to(batch, accelerator.device))
+            with _activation_place(plan), accelerator.autocast():
+                micro = token_loss_sum(model, _to(batch, accelerator.device))
             accelerator.backward(micro * scale)
         loss_sum += micro.detach()
     assert model.training, "training step in eval mode: checkpointing and dropout would be off"
@@ -152,7 +175,8 @@ def train_step(model: Any, optimizer: Any, scheduler: Any, accelerator: Accelera
     return loss, float(grad_norm), tokens
 
 
-def evaluate(model: Any, samples: list[dict], batch_size: int, pad_id: int, accelerator: Accelerator) -> float:
+def evaluate(model: Any, samples: list[dict], batch_size: int, pad_id: int, accelerator: Accelerator,
+             plan: DevicePlan | None = None) -> float:
     """Token-mean loss over the eval samples (each process takes a share), in eval mode; train mode after."""
     import torch
 
@@ -161,8 +185,9 @@ def evaluate(model: Any, samples: list[dict], batch_size: int, pad_id: int, acce
     stride = batch_size * accelerator.num_processes
     with torch.no_grad():
         for start in range(accelerator.process_index * batch_size, len(samples), stride):
-            batch = collate(samples[start:start + batch_size], pad_id)
-            local[0] += float(token_loss_sum(model, _to(batch, accelerator.device)))
+            batch = make_batch(samples[start:start + batch_size], pad_id, plan)
+            with accelerator.autocast():
+                local[0] += float(token_loss_sum(model, _to(batch, accelerator.device)))
             local[1] += target_count(batch)
     model.train()
     total, count = accelerator.reduce(local, "sum").tolist()
@@ -219,12 +244,17 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(mixed_precision=mixed, cpu=device == "cpu")
 
 
-def build_model(cfg: Config, model_dir: Path, accelerator: Accelerator) -> Any:
-    """Base model (4/8-bit for QLoRA) + LoRA, or all weights trainable in fp32 (full FT; autocast computes)."""
+def build_model(cfg: Config, model_dir: Path, accelerator: Accelerator, plan: DevicePlan) -> Any:
+    """Base model (4/8-bit for QLoRA) + LoRA, or all weights trainable in fp32 (full FT; autocast computes);
+    fused kernels and compiled layers where the device plan says so."""
     dtype = cfg.model.dtype if cfg.lora.enabled else "fp32"
     model = load_model(model_dir, cfg.model.quantization, cfg.model.double_quant, dtype, str(accelerator.device),
-                       cfg.model.trust_remote_code)
-    return apply_lora(model, cfg.lora, cfg.train.gradient_checkpointing)
+                       cfg.model.trust_remote_code, attn_implementation=plan.attention)
+    enable_fast_path(model)
+    model = apply_lora(model, cfg.lora, plan.checkpointing)
+    if plan.compile:
+        compile_layers(model)
+    return model
 
 
 def _describe_plan(plan: StepPlan, total: int, cfg: Config, trainable: int, params: int) -> str:
@@ -232,7 +262,7 @@ def _describe_plan(plan: StepPlan, total: int, cfg: Config, trainable: int, para
     method = "full fine-tuning" if not cfg.lora.enabled else \
         ("QLoRA" if cfg.model.quantization != "none" else "LoRA") + f" r={cfg.lora.r}"
     return (f"plan: {method}, {trainable:,} trainable of {params:,} parameters ({share:.2f}%)\n"
-            f"      {plan.num_rows} rows, batch {plan.batch_size} x accumulation {plan.grad_accum} x "
+            f"      {plan.num_rows} rows, {plan.batch_size * plan.grad_accum} rows per step x "
             f"{plan.world_size} process(es) -> {plan.steps_per_epoch} steps/epoch, {total} steps")
 
 
@@ -243,7 +273,7 @@ def _say(console: Console, text: str) -> None:
 
 
 def _dry_run(console: Console, cfg: Config, model_dir: Path, tokenizer: Any, template: ChatTemplate,
-             data: TrainData, plan: StepPlan, total: int, run: RunFolder) -> TrainResult:
+             data: TrainData, plan: StepPlan, total: int, run: RunFolder, device_plan: DevicePlan) -> TrainResult:
     """What would train, without loading weights (parameter counts come from a meta-device copy)."""
     trainable, params = count_parameters_without_weights(model_dir, cfg.lora, cfg.model.trust_remote_code)
     cfg.versions = library_versions()
@@ -251,6 +281,7 @@ def _dry_run(console: Console, cfg: Config, model_dir: Path, tokenizer: Any, tem
     _say(console, data.describe())
     _say(console, f"template: {template.name}, stop ids {template.stop_token_ids(tokenizer)}")
     _say(console, _describe_plan(plan, total, cfg, trainable, params))
+    _say(console, device_plan.describe())
     return TrainResult(run.root, 0, trainable=trainable, total=params)
 
 
@@ -262,8 +293,9 @@ def _restore(accelerator: Accelerator, checkpoint: Path, run: RunFolder, plan: S
         truncate_jsonl(run.metrics_path, step)
         truncate_jsonl(run.samples_path, step)
         _say(console, f"resumed from {checkpoint} at step {step}")
-        same = (state.get("rows"), state.get("batch_size"), state.get("grad_accum"), state.get("processes"),
-                state.get("seed")) == (plan.num_rows, plan.batch_size, plan.grad_accum, plan.world_size, plan.seed)
+        saved_rows = state.get("rows_per_step", (state.get("batch_size") or 0) * (state.get("grad_accum") or 0))
+        same = (state.get("rows"), saved_rows, state.get("processes"), state.get("seed")) == (
+            plan.num_rows, plan.batch_size * plan.grad_accum, plan.world_size, plan.seed)
         if not same:
             _say(console, "note: data, batch, accumulation, process count or seed changed since that checkpoint; "
                           "the data order from here differs from an uninterrupted run")
@@ -285,15 +317,18 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     template = resolve_template(cfg.model.template, tokenizer, model_dir)
     data = build_dataset(cfg, tokenizer, template)
+    seq_len = cfg.data.max_length or max((len(row["input_ids"]) for row in data.train), default=1)
     if dry_run:
-        plan = StepPlan(len(data.train), cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed)
+        device_plan = plan_device(cfg, model_dir, default_device(), seq_len)
+        plan = StepPlan(len(data.train), device_plan.micro_batch, device_plan.grad_accum, cfg.train.seed)
         total = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
-        return _dry_run(console, cfg, model_dir, tokenizer, template, data, plan, total, run)
+        return _dry_run(console, cfg, model_dir, tokenizer, template, data, plan, total, run, device_plan)
 
     hf_logging.disable_progress_bar()  # our own bar is the one to watch
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
-    plan = StepPlan(len(data.train), cfg.train.batch_size, cfg.train.grad_accum, cfg.train.seed,
+    device_plan = plan_device(cfg, model_dir, accelerator.device, seq_len)
+    plan = StepPlan(len(data.train), device_plan.micro_batch, device_plan.grad_accum, cfg.train.seed,
                     accelerator.num_processes, accelerator.process_index)
     total = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
     if main:
@@ -303,9 +338,11 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
     accelerator.wait_for_everyone()
 
     set_seed(cfg.train.seed)
-    model = build_model(cfg, model_dir, accelerator)
+    model = build_model(cfg, model_dir, accelerator, device_plan)
+    reset_peak_memory(accelerator.device)  # the peak we report is training's, not quantisation's while loading
     trainable, params = count_parameters(model)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train,
+                                device_plan.optimizer)
     scheduler = build_scheduler(optimizer, cfg.train, total)
     model, optimizer = accelerator.prepare(model, optimizer)
     install_weight_hooks(accelerator)
@@ -314,12 +351,13 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
     if main:
         _say(console, data.describe())
         _say(console, _describe_plan(plan, total, cfg, trainable, params))
+        _say(console, device_plan.describe())
     result = TrainResult(run.root, step, trainable=trainable, total=params,
                          model=accelerator.unwrap_model(model), tokenizer=tokenizer)
     recorder = Recorder(run, cfg, console, enabled=main)
     try:
         _fit(cfg, run, model, tokenizer, template, data, plan, total, step, optimizer, scheduler, accelerator,
-             recorder, console, result)
+             recorder, console, result, device_plan)
     finally:
         recorder.close()
     if main:
@@ -332,7 +370,7 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
 
 def _fit(cfg: Config, run: RunFolder, model: Any, tokenizer: Any, template: ChatTemplate, data: TrainData,
          plan: StepPlan, total: int, step: int, optimizer: Any, scheduler: Any, accelerator: Accelerator,
-         recorder: Recorder, console: Console, result: TrainResult) -> None:
+         recorder: Recorder, console: Console, result: TrainResult, device_plan: DevicePlan) -> None:
     """The step loop: eval + samples at step 0, every eval.every and at the end; checkpoints every save_every."""
     main = accelerator.is_main_process
     pad_id = tokenizer.pad_token_id
@@ -340,14 +378,14 @@ def _fit(cfg: Config, run: RunFolder, model: Any, tokenizer: Any, template: Chat
 
     def trainer_state(at: int) -> dict:
         return {"step": at, "epoch": round(plan.epoch_of(at), 4), "total_steps": total, "rows": plan.num_rows,
-                "batch_size": plan.batch_size, "grad_accum": plan.grad_accum, "processes": plan.world_size,
-                "seed": plan.seed}
+                "rows_per_step": plan.batch_size * plan.grad_accum, "batch_size": plan.batch_size,
+                "grad_accum": plan.grad_accum, "processes": plan.world_size, "seed": plan.seed}
 
     # a live bar only on a terminal; logs (CI, nohup) get the plain step lines alone
     with ProgressBar(console, total, step, enabled=main and console.is_terminal) as bar, StopRequest() as stop:
         def observe(at: int) -> None:
             if data.eval:
-                eval_loss = evaluate(model, data.eval, cfg.train.batch_size, pad_id, accelerator)
+                eval_loss = evaluate(model, data.eval, cfg.train.batch_size, pad_id, accelerator, device_plan)
                 recorder.log({"step": at, "eval_loss": round(eval_loss, 6)})
                 if main:
                     bar.print(f"step {at}: eval loss {eval_loss:.4f}")
@@ -358,16 +396,20 @@ def _fit(cfg: Config, run: RunFolder, model: Any, tokenizer: Any, template: Chat
         if step == 0:
             observe(0)
         while step < total:
+            started = time.perf_counter()
             loss, grad_norm, tokens = train_step(model, optimizer, scheduler, accelerator, data.train,
-                                                 plan.window(step + 1), pad_id, cfg.train.max_grad_norm)
+                                                 plan.window(step + 1), pad_id, cfg.train.max_grad_norm,
+                                                 device_plan)
+            step_s = time.perf_counter() - started  # train_step returns Python floats: the device has finished
             step += 1
             result.steps = step
             result.losses.append(loss)
-            meter.update(tokens)
+            meter.update(tokens, step_s)
             tokens_per_s, eta = meter.rates(step)
             row = {"step": step, "epoch": round(plan.epoch_of(step), 4), "loss": round(loss, 6),
                    "lr": scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 6),
-                   "tokens_per_s": round(tokens_per_s, 1), "peak_mem_gb": round(peak_memory_gb(accelerator.device), 3),
+                   "tokens_per_s": round(tokens_per_s, 1), "step_s": round(step_s, 4), "tokens": tokens,
+                   "peak_mem_gb": round(peak_memory_gb(accelerator.device), 3),
                    "eta": format_eta(eta)}
             recorder.log(row)
             if main:

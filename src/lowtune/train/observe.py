@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -128,21 +127,23 @@ class Recorder:
 
 @dataclass
 class Throughput:
-    """Tokens/s and ETA over the steps run by this process (a resumed run starts counting afresh)."""
+    """Tokens/s and ETA from the time spent in training steps (eval and sample answers are not counted in the
+    speed, which is what the hardware does; a resumed run starts counting afresh)."""
 
     first_step: int
     total_steps: int
-    started: float = field(default_factory=time.perf_counter)
     tokens: int = 0
+    busy: float = 0.0
 
-    def update(self, tokens: int) -> None:
+    def update(self, tokens: int, seconds: float) -> None:
         self.tokens += tokens
+        self.busy += seconds
 
     def rates(self, step: int) -> tuple[float, float]:
-        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        busy = max(self.busy, 1e-9)
         done = step - self.first_step
-        eta = elapsed / done * (self.total_steps - step) if done > 0 else float("inf")
-        return self.tokens / elapsed, eta
+        eta = busy / done * (self.total_steps - step) if done > 0 else float("inf")
+        return self.tokens / busy, eta
 
 
 class ProgressBar:

@@ -24,19 +24,26 @@ OPTIMIZERS = {
 
 
 def check_optimizer(name: str) -> None:
-    """Fail before any model loads when the optimizer needs a package that is missing."""
+    """Fail before any model loads when the optimizer needs a package that is missing ('auto' never does)."""
+    if name == "auto":
+        return
     module, _ = OPTIMIZERS[name]
     if module.startswith("bitsandbytes"):
         require("bitsandbytes", "qlora", f"train.optimizer={name}")
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainSection) -> torch.optim.Optimizer:
-    """AdamW (betas 0.9/0.999) over the trainable parameters; weight decay skips biases and norms (1-D)."""
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainSection,
+                    choice: str | None = None) -> torch.optim.Optimizer:
+    """AdamW (betas 0.9/0.999) over the trainable parameters; weight decay skips biases and norms (1-D).
+
+    `choice` is the resolved optimizer when cfg.optimizer is 'auto' (train/plan.py decides).
+    """
     import importlib
 
-    module, name = OPTIMIZERS[cfg.optimizer]
+    choice = choice or (cfg.optimizer if cfg.optimizer != "auto" else "adamw")
+    module, name = OPTIMIZERS[choice]
     if module.startswith("bitsandbytes"):
-        require("bitsandbytes", "qlora", f"train.optimizer={cfg.optimizer}")
+        require("bitsandbytes", "qlora", f"train.optimizer={choice}")
     cls = getattr(importlib.import_module(module), name)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]

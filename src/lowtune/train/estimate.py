@@ -1,0 +1,117 @@
+"""`lowtune estimate`: peak memory and time forecast for a config on a GPU, and the plan `train` would pick.
+
+Layer 2 (train). Reads only the model's config.json (no weights) and, when the data files exist, their token
+counts (the same cached tokenisation `train` uses). Memory comes from models/memory.py; speed from the MFU that
+each mode reached on an H200 (bench/RESULTS.md) scaled by the GPU's bf16 rate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lowtune.config import Config
+from lowtune.errors import UserError
+from lowtune.models.memory import GIB, MODE_SPEED, Shape, forecast, plan_memory
+from lowtune.models.resolve import HUB_ID, resolve_model_dir
+from lowtune.train.plan import USABLE_SHARE, gpu_capacity_bytes, rows_per_step
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# Dense bf16 (fp16 where bf16 is missing) TFLOP/s that a large matmul reaches, by GPU name fragment.
+MATMUL_TFLOPS = {"H200": 790, "H100": 750, "A100": 280, "L40": 300, "A10": 110, "4090": 150, "3090": 65,
+                 "4080": 100, "3080": 55, "4070": 60, "3060": 25, "T4": 45, "V100": 90, "A6000": 140}
+# Share of that rate a training step reached, by (checkpointing, offload) — measured on an H200 (bench/RESULTS.md).
+MODE_MFU = {(False, False): 0.50, (True, False): 0.30, (True, True): 0.24}
+
+
+def _shape(model_dir: Path) -> Shape:
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    try:
+        return Shape.from_config(config)
+    except KeyError as exc:
+        raise UserError(f"{model_dir / 'config.json'}: no {exc} key; estimate knows Llama-style configs "
+                        "(num_hidden_layers, hidden_size, vocab_size)") from None
+
+
+def _model_dir(cfg: Config) -> Path:
+    spec = cfg.model.path
+    if not Path(spec).is_dir() and HUB_ID.match(spec):
+        raise UserError(f"model.path={spec} is not downloaded yet; estimate reads its config.json: "
+                        f"lowtune download {spec} -o models/NAME, then model.path=models/NAME")
+    return resolve_model_dir(spec, cfg.model.hub, cfg.model.revision)
+
+
+def _gpu() -> tuple[str, int] | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(), gpu_capacity_bytes()
+
+
+def _tflops(name: str) -> float | None:
+    return next((v for k, v in MATMUL_TFLOPS.items() if k in name), None)
+
+
+def _data_tokens(cfg: Config, model_dir: Path) -> int | None:
+    if not cfg.data.train or not all(Path(p).exists() for p in cfg.data.train):
+        return None
+    from lowtune.data.dataset import build_dataset
+    from lowtune.models.load import load_tokenizer
+    from lowtune.templates import resolve_template
+
+    tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
+    data = build_dataset(cfg, tokenizer, resolve_template(cfg.model.template, tokenizer, model_dir))
+    return sum(len(row["input_ids"]) for row in data.train)
+
+
+def estimate(cfg: Config, gpu_memory_gib: float | None, console: Console) -> int:
+    from rich.table import Table
+
+    model_dir = _model_dir(cfg)
+    shape = _shape(model_dir)
+    gpu = _gpu()
+    if gpu_memory_gib is not None:
+        name, capacity = (gpu[0] if gpu else "GPU"), int(USABLE_SHARE * gpu_memory_gib * GIB)
+    elif gpu is not None:
+        name, capacity = gpu
+    else:
+        name, capacity = "no GPU here: an 8 GiB card assumed", int(USABLE_SHARE * 8 * GIB)
+    seq = cfg.data.max_length or 2048
+    lora_r = cfg.lora.r if cfg.lora.enabled else None
+    rows = rows_per_step(cfg)
+    plan = plan_memory(shape, capacity_bytes=capacity, seq_len=seq, rows_per_step=rows,
+                       quantization=cfg.model.quantization, lora_r=lora_r, optimizer=cfg.train.optimizer)
+    table = Table(title=f"{cfg.model.path}: {cfg.model.quantization} {'LoRA r%d' % lora_r if lora_r else 'full'}"
+                        f", {seq} tokens x {rows} rows per step, {name}", title_justify="left")
+    for column in ("setting", "micro-batch", "optimizer", "peak GiB", "fits"):
+        table.add_column(column)
+    for optimizer in (["adamw", "paged_adamw_8bit"] if cfg.train.optimizer == "auto" else [cfg.train.optimizer]):
+        for checkpointing, offload in MODE_SPEED:
+            parts = forecast(shape, quantization=cfg.model.quantization, lora_r=lora_r, optimizer=optimizer,
+                             tokens=seq, checkpointing=checkpointing, offload=offload)
+            peak = sum(parts.values())
+            label = "checkpointing + offload" if offload else ("checkpointing" if checkpointing else "none")
+            table.add_row(label, "1", optimizer, f"{peak / GIB:.2f}", "yes" if peak <= capacity else "no")
+    console.print(table)
+    console.print(plan.describe(), markup=False, soft_wrap=True)
+    tokens = _data_tokens(cfg, model_dir)
+    tflops = _tflops(name)
+    if tflops and plan.fits:
+        rate = MODE_MFU[(plan.checkpointing, plan.offload)] * tflops * 1e12 / shape.flops_per_token(
+            seq, full=lora_r is None)
+        line = f"speed forecast: about {rate:,.0f} tokens/s"
+        if tokens:
+            epochs = cfg.train.epochs if not cfg.train.max_steps else None
+            total = tokens * epochs if epochs else cfg.train.max_steps * rows * seq
+            line += f"; {tokens:,} tokens per epoch -> about {total / rate / 3600:.1f} h"
+        console.print(line, markup=False, soft_wrap=True)
+    elif tokens:
+        console.print(f"{tokens:,} tokens per epoch (no speed forecast for {name})", markup=False)
+    if not plan.fits:
+        console.print("does not fit: lower data.max_length or lora.r, or use model.quantization=nf4",
+                      markup=False, soft_wrap=True)
+    return 0

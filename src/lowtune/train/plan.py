@@ -1,0 +1,119 @@
+"""How a run uses its device: micro-batch split, checkpointing, activation offload, optimizer states, compile,
+attention kernel. Every `auto` setting in `train:` is decided here, once, before the model loads.
+
+Layer 2 (train). On a GPU the memory forecast (models/memory.py) picks the fastest setting that fits: no
+checkpointing with the largest micro-batch, else checkpointing, else checkpointing with layer inputs on the CPU,
+and 8-bit optimizer states only when 32-bit ones do not fit. The optimizer always sees batch_size x grad_accum rows
+per step, so the choice changes speed and memory, never the maths (the loss is token-normalised per step).
+On CPU the config is taken as written, with `auto` meaning off.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lowtune.config import Config
+from lowtune.errors import UserError
+from lowtune.models.memory import GIB, MemoryPlan, Shape, plan_memory
+
+USABLE_SHARE = 0.8  # of free GPU memory: leaves room for the CUDA context, fragmentation and other processes
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    micro_batch: int
+    grad_accum: int
+    checkpointing: bool
+    offload: bool
+    optimizer: str
+    compile: bool
+    attention: str
+    """attn_implementation passed to transformers."""
+    flat_batches: bool
+    """Micro-batches are concatenated into one row with per-sample boundaries (varlen attention, no padding)."""
+    memory: MemoryPlan | None = None
+
+    def describe(self) -> str:
+        mode = "checkpointing + CPU offload" if self.offload else (
+            "checkpointing" if self.checkpointing else "no checkpointing")
+        extras = [self.attention] + (["compiled layers"] if self.compile else []) + (
+            ["padding-free batches"] if self.flat_batches else [])
+        text = (f"device plan: micro-batch {self.micro_batch} x accumulation {self.grad_accum}, {mode}, "
+                f"optimizer {self.optimizer}, {', '.join(extras)}")
+        if self.memory is not None:
+            text += f"\n      forecast peak {self.memory.peak_bytes / GIB:.1f} GiB of " \
+                    f"{self.memory.capacity_bytes / GIB:.1f} GiB usable"
+            if not self.memory.fits:
+                text += " - may run out of memory: lower data.max_length or lora.r, or use model.quantization=nf4"
+        return text
+
+
+def rows_per_step(cfg: Config) -> int:
+    return cfg.train.batch_size * cfg.train.grad_accum
+
+
+def check_micro_batch(cfg: Config) -> None:
+    micro = cfg.train.micro_batch
+    if micro != "auto" and rows_per_step(cfg) % micro:
+        raise UserError(f"train.micro_batch={micro} must divide train.batch_size x train.grad_accum = "
+                        f"{rows_per_step(cfg)} rows per step")
+
+
+def _as_bool(value: bool | str, auto: bool) -> bool:
+    return auto if value == "auto" else bool(value)
+
+
+def gpu_capacity_bytes() -> int:
+    """Free memory of the current GPU that this process may use (respects set_per_process_memory_fraction)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    fraction = getter() if getter else 1.0
+    allowed = fraction * total - torch.cuda.memory_allocated()
+    return int(USABLE_SHARE * min(free, allowed))
+
+
+def _cpu_plan(cfg: Config) -> DevicePlan:
+    micro = cfg.train.batch_size if cfg.train.micro_batch == "auto" else cfg.train.micro_batch
+    checkpointing = _as_bool(cfg.train.gradient_checkpointing, False)
+    return DevicePlan(micro_batch=micro, grad_accum=rows_per_step(cfg) // micro, checkpointing=checkpointing,
+                      offload=checkpointing and _as_bool(cfg.train.offload_activations, False),
+                      optimizer="adamw" if cfg.train.optimizer == "auto" else cfg.train.optimizer,
+                      compile=_as_bool(cfg.train.compile, False), attention="sdpa", flat_batches=False)
+
+
+def _gpu_plan(cfg: Config, model_dir: Path, seq_len: int, capacity: int) -> DevicePlan:
+    from lowtune.kernels.attention import register, varlen_available
+
+    shape = Shape.from_config(json.loads((model_dir / "config.json").read_text(encoding="utf-8")))
+    t = cfg.train
+    rows = rows_per_step(cfg)
+    lora_r = cfg.lora.r if cfg.lora.enabled else None
+    memory = plan_memory(shape, capacity_bytes=capacity, seq_len=seq_len, rows_per_step=rows,
+                         quantization=cfg.model.quantization, lora_r=lora_r, optimizer=t.optimizer,
+                         allow_no_checkpointing=t.gradient_checkpointing in ("auto", False))
+    micro = memory.micro_batch if t.micro_batch == "auto" else t.micro_batch
+    checkpointing = _as_bool(t.gradient_checkpointing, memory.checkpointing)
+    offload = checkpointing and _as_bool(t.offload_activations, memory.offload)
+    optimizer = memory.optimizer if t.optimizer == "auto" else t.optimizer
+    if optimizer.endswith("8bit") or optimizer.startswith("paged"):
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            optimizer = "adamw"
+    varlen = varlen_available()
+    return DevicePlan(micro_batch=micro, grad_accum=rows // micro, checkpointing=checkpointing, offload=offload,
+                      optimizer=optimizer, compile=_as_bool(t.compile, True),
+                      attention=register() if varlen else "sdpa", flat_batches=varlen, memory=memory)
+
+
+def plan_device(cfg: Config, model_dir: Path, device: Any, seq_len: int) -> DevicePlan:
+    """Resolve every `auto` of the train section for this device; `seq_len` = longest row of the data."""
+    check_micro_batch(cfg)
+    if str(device).startswith("cuda"):
+        return _gpu_plan(cfg, Path(model_dir), seq_len, gpu_capacity_bytes())
+    return _cpu_plan(cfg)

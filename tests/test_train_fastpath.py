@@ -1,0 +1,81 @@
+"""The device plan and the fast-path batches: padding-free rows and activation offload change speed and memory,
+never the loss or the update."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from lowtune.config import Config, TrainSection
+from lowtune.data.pack import pack_samples
+from lowtune.errors import UserError
+from lowtune.train.batches import collate, collate_flat, target_count
+from lowtune.train.loop import token_loss_sum, train_step
+from lowtune.train.optim import build_scheduler
+from lowtune.train.plan import DevicePlan, plan_device
+
+from test_train_loss import CONVERSATIONS, lora_model, samples, tokenizer  # noqa: F401  (shared fixtures)
+
+
+def test_padding_free_batch_gives_the_padded_loss(lora_model, tokenizer, samples):
+    model = copy.deepcopy(lora_model).eval()
+    rows = pack_samples(samples, 160, seed=0)
+    assert any(len(r["seq_lens"]) > 1 for r in rows)
+    with torch.no_grad():
+        padded = token_loss_sum(model, collate(rows, tokenizer.pad_token_id))
+        flat_batch = collate_flat(rows)
+        flat = token_loss_sum(model, flat_batch)
+    assert flat_batch["input_ids"].shape[0] == 1
+    assert flat_batch["cu_seq_lens_q"].tolist()[-1] == sum(len(r["input_ids"]) for r in rows)
+    assert len(flat_batch["cu_seq_lens_q"]) == sum(len(r["seq_lens"]) for r in rows) + 1
+    assert target_count(flat_batch) == target_count(collate(rows, tokenizer.pad_token_id))
+    torch.testing.assert_close(flat, padded, rtol=1e-5, atol=1e-5)
+
+
+def _step(model, accelerator, rows, pad_id, plan):
+    model = copy.deepcopy(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    scheduler = build_scheduler(optimizer, TrainSection(scheduler="constant", warmup_ratio=0.0), 1)
+    loss, norm, _ = train_step(model, optimizer, scheduler, accelerator, rows, [[0, 1, 2], [3, 4, 5, 6, 7]], pad_id,
+                               0.0, plan)
+    return loss, norm, [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("flat, offload", [(True, False), (False, True)])
+def test_fast_path_steps_equal_the_plain_step(lora_model, tokenizer, samples, flat, offload):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    plain = _step(lora_model, accelerator, samples, tokenizer.pad_token_id, None)
+    plan = DevicePlan(micro_batch=1, grad_accum=8, checkpointing=offload, offload=offload, optimizer="adamw",
+                      compile=False, attention="sdpa", flat_batches=flat)
+    model = copy.deepcopy(lora_model)
+    if offload:
+        from lowtune.models.load import enable_checkpointing
+
+        enable_checkpointing(model)
+    fast = _step(model, accelerator, samples, tokenizer.pad_token_id, plan)
+    assert fast[0] == pytest.approx(plain[0], rel=1e-5)
+    assert fast[1] == pytest.approx(plain[1], rel=1e-4) and fast[1] > 0
+    for a, b in zip(plain[2], fast[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_cpu_plan_takes_the_config_as_written(micro_dir):
+    cfg = Config.model_validate({"train": {"batch_size": 2, "grad_accum": 3}})
+    plan = plan_device(cfg, micro_dir, "cpu", 256)
+    assert (plan.micro_batch, plan.grad_accum, plan.checkpointing, plan.offload) == (2, 3, False, False)
+    assert (plan.optimizer, plan.compile, plan.flat_batches) == ("adamw", False, False)
+    cfg = Config.model_validate({"train": {"batch_size": 2, "grad_accum": 3, "micro_batch": 3,
+                                           "gradient_checkpointing": True, "optimizer": "adamw_8bit"}})
+    plan = plan_device(cfg, micro_dir, "cpu", 256)
+    assert (plan.micro_batch, plan.grad_accum, plan.checkpointing, plan.optimizer) == (3, 2, True, "adamw_8bit")
+
+
+def test_micro_batch_must_divide_the_rows_per_step(micro_dir):
+    cfg = Config.model_validate({"train": {"batch_size": 2, "grad_accum": 3, "micro_batch": 4}})
+    with pytest.raises(UserError, match="must divide"):
+        plan_device(cfg, micro_dir, "cpu", 256)
