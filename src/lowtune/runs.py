@@ -6,6 +6,7 @@ read it and need nothing else.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,9 @@ from lowtune.errors import UserError
 
 CHECKPOINT_PREFIX = "step-"
 COMPLETE_MARKER = "COMPLETE"  # written last inside a checkpoint: its absence means "never resume from here"
+ADAPTER_CONFIG = "adapter_config.json"
+FULL_MODEL_DIR = "model"
+"""Run-folder subfolder holding the full HF model after full fine-tuning (LoRA runs write adapter/ instead)."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,22 @@ class RunFolder:
     def eval_path(self) -> Path:
         return self.root / "eval.json"
 
+    @property
+    def full_model_dir(self) -> Path:
+        return self.root / FULL_MODEL_DIR
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.root / "tensorboard"
+
+    def trained_weights(self) -> Path | None:
+        """adapter/ or model/ of a finished run, else the newest complete checkpoint's; None before any."""
+        candidates = [self.adapter_dir, self.full_model_dir]
+        latest = self.latest_checkpoint()
+        if latest is not None:
+            candidates += [latest / "adapter", latest / FULL_MODEL_DIR, latest]
+        return next((c for c in candidates if is_adapter_dir(c) or (c / "config.json").is_file()), None)
+
     def checkpoint_dir(self, step: int) -> Path:
         return self.checkpoints_dir / f"{CHECKPOINT_PREFIX}{step}"
 
@@ -82,6 +102,30 @@ class RunFolder:
             raise UserError(f"{self.root} is not a run folder (no config.yaml); give a run folder or a model folder")
         text = self.config_path.read_text(encoding="utf-8")
         return build_config(parse_yaml(text, str(self.config_path)) or {}, str(self.config_path), text)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).is_file()
+
+
+def enclosing_run(path: Path) -> RunFolder | None:
+    """The run folder a weights folder sits in (run/adapter or run/checkpoints/step-N[/adapter]), if any."""
+    for parent in list(path.resolve().parents)[:3]:
+        if (parent / "config.yaml").is_file():
+            return RunFolder(parent)
+    return None
+
+
+def read_stop_ids(generation_config: Path) -> list[int]:
+    """eos_token_id of a generation_config.json as a list (empty when the file is missing)."""
+    if not generation_config.is_file():
+        return []
+    try:
+        eos = json.loads(generation_config.read_text(encoding="utf-8")).get("eos_token_id")
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{generation_config} is not valid JSON ({exc.msg}); delete it or fix it") from None
+    ids = eos if isinstance(eos, list) else [eos]
+    return [int(i) for i in ids if isinstance(i, int)]
 
 
 def is_run_folder(path: str | os.PathLike) -> bool:

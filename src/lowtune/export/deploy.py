@@ -22,7 +22,7 @@ from pathlib import Path
 from lowtune.errors import UserError
 from lowtune.export.upload import Publishable, check_repo_id, locate_publishable
 from lowtune.models.resolve import resolve_model_dir
-from lowtune.runs import publish_dir
+from lowtune.runs import publish_dir, read_stop_ids
 from lowtune.templates import STOP_WORDS, TEMPLATE_FILE, ChatTemplate, resolve_template
 
 TARGETS = ("openxlab", "hf-space")
@@ -49,13 +49,6 @@ class DeployResult:
 
 # --- what the app needs from the model ----------------------------------------------------------------------------
 
-def _eos_ids(path: Path) -> list[int]:
-    if not path.is_file():
-        return []
-    eos = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    return [int(i) for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)]
-
-
 def _tokenizer_dir(pub: Publishable) -> Path:
     if (pub.folder / "tokenizer_config.json").is_file():
         return pub.folder
@@ -80,7 +73,7 @@ def app_template(pub: Publishable) -> tuple[ChatTemplate, list[int], str | None]
         template = resolve_template(name, tokenizer, tok_dir, stop_words=stop_words)
     ids = template.stop_token_ids(tokenizer)
     for path in (pub.run.generation_config_path if pub.run else None, pub.folder / "generation_config.json"):
-        ids += [i for i in (_eos_ids(path) if path else []) if i not in ids]
+        ids += [i for i in (read_stop_ids(path) if path else []) if i not in ids]
     system = (pub.config.eval.system or pub.config.data.system or None) if pub.config else None
     return template, ids, system
 

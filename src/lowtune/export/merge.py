@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from lowtune.errors import UserError
 from lowtune.export.card import card_for_run, write_card, write_modelscope_configuration
-from lowtune.models.load import FULL_MODEL_DIR, load_model
+from lowtune.models.load import load_model
 from lowtune.models.resolve import resolve_model_dir
-from lowtune.runs import RunFolder, publish_dir
+from lowtune.runs import ADAPTER_CONFIG, RunFolder, enclosing_run, is_adapter_dir, publish_dir, read_stop_ids
 from lowtune.templates import FAMILY_TEMPLATES, STOP_WORDS, TEMPLATE_FILE, ChatTemplate, resolve_template
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
     from lowtune.config import Config
 
-ADAPTER_CONFIG = "adapter_config.json"
 MERGEABLE = {"LORA", "ADALORA", "LOHA", "LOKR", "IA3"}
 DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 SHARD_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|KIB|MIB|GIB)$", re.I)
@@ -60,29 +59,14 @@ class MergeResult:
 
 # --- what to merge ------------------------------------------------------------------------------------------------
 
-def _eos_ids(generation_config: Path) -> list[int]:
-    if not generation_config.is_file():
-        return []
-    eos = json.loads(generation_config.read_text(encoding="utf-8")).get("eos_token_id")
-    return [int(i) for i in (eos if isinstance(eos, list) else [eos]) if isinstance(i, int)]
-
-
 def _run_adapter(run: RunFolder) -> Path:
-    latest = run.latest_checkpoint()
-    for candidate in (run.adapter_dir, *([latest / "adapter", latest] if latest else [])):
-        if (candidate / ADAPTER_CONFIG).is_file():
-            return candidate
-    if (run.root / FULL_MODEL_DIR / "config.json").is_file():
-        raise UserError(f"{run.root} is a full fine-tune: {run.root / FULL_MODEL_DIR} is already a complete model "
+    weights = run.trained_weights()
+    if weights is not None and is_adapter_dir(weights):
+        return weights
+    if weights is not None:
+        raise UserError(f"{run.root} is a full fine-tune: {weights} is already a complete model "
                         "(nothing to merge); use that folder directly")
     raise UserError(f"{run.root} has no adapter yet (no adapter/ and no complete checkpoint); train it first")
-
-
-def _enclosing_run(adapter_dir: Path) -> RunFolder | None:
-    for parent in list(adapter_dir.resolve().parents)[:3]:
-        if (parent / "config.yaml").is_file():
-            return RunFolder(parent)
-    return None
 
 
 def find_source(target: str, base: str | None = None) -> MergeSource:
@@ -92,7 +76,7 @@ def find_source(target: str, base: str | None = None) -> MergeSource:
         run: RunFolder | None = RunFolder(path)
         adapter_dir = _run_adapter(run)
     elif (path / ADAPTER_CONFIG).is_file():
-        run, adapter_dir = _enclosing_run(path), path
+        run, adapter_dir = enclosing_run(path), path
     else:
         raise UserError(f"{target} is neither a run folder (config.yaml) nor a PEFT adapter folder "
                         f"({ADAPTER_CONFIG}); give one of them")
@@ -104,7 +88,7 @@ def find_source(target: str, base: str | None = None) -> MergeSource:
     spec = base or (config.model.path if config else None) or adapter_cfg.get("base_model_name_or_path") or ""
     template_path = next((p for p in (run.chat_template_path if run else None, adapter_dir / TEMPLATE_FILE)
                           if p is not None and p.is_file()), None)
-    stop_ids = _eos_ids(run.generation_config_path) if run else []
+    stop_ids = read_stop_ids(run.generation_config_path) if run else []
     return MergeSource(adapter_dir=adapter_dir, base_spec=spec, config=config, template_path=template_path,
                        stop_ids=stop_ids)
 
@@ -116,7 +100,8 @@ def resolve_base(source: MergeSource) -> Path:
     hub = source.config.model.hub if source.config else "auto"
     revision = source.config.model.revision if source.config else None
     try:
-        base_dir = resolve_model_dir(source.base_spec, hub=hub, revision=revision)
+        base_dir = resolve_model_dir(source.base_spec, hub=hub, revision=revision,
+                                     trust_remote_code=bool(source.config and source.config.model.trust_remote_code))
     except UserError as exc:
         raise UserError(f"the base model '{source.base_spec}' of {source.adapter_dir} was not found ({exc}); "
                         "give --base PATH") from None
@@ -210,7 +195,7 @@ def _copy_base_extras(base_dir: Path, out: Path) -> None:
 def write_merged(source: MergeSource, base_dir: Path, tmp: Path, dtype: str, max_shard_size: str) -> list[int]:
     model = merged_model(source, base_dir, dtype)
     tokenizer, template = _save_tokenizer(source, base_dir, tmp)
-    stop_ids = all_stop_ids(template, tokenizer, source.stop_ids, _eos_ids(base_dir / "generation_config.json"))
+    stop_ids = all_stop_ids(template, tokenizer, source.stop_ids, read_stop_ids(base_dir / "generation_config.json"))
     model.generation_config.eos_token_id = stop_ids
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \

@@ -27,15 +27,13 @@ import yaml
 from lowtune.errors import UserError, require
 from lowtune.export.card import MODELSCOPE_CONFIGURATION, CardInfo, card_for_run, hub_id_or_none, read_front_matter
 from lowtune.models.download import is_offline
-from lowtune.models.load import FULL_MODEL_DIR
 from lowtune.models.resolve import HUB_ID
-from lowtune.runs import RunFolder
+from lowtune.runs import ADAPTER_CONFIG, FULL_MODEL_DIR, RunFolder, enclosing_run
 
 if TYPE_CHECKING:
     from lowtune.config import Config
 
 TARGETS = ("hf", "modelscope", "openxlab")
-ADAPTER_CONFIG = "adapter_config.json"
 IGNORED = (".git", ".git/*", ".cache/*", ".cache", "__pycache__/*", "*.pyc", ".ms_upload_cache/*", ".DS_Store",
            "*.tmp", ".*.tmp-*", ".*.tmp-*/*")
 HF_DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -59,13 +57,6 @@ class Publishable:
     @property
     def library_name(self) -> str:
         return "peft" if self.kind == "adapter" else "transformers"
-
-
-def _enclosing_run(folder: Path) -> RunFolder | None:
-    for parent in list(folder.resolve().parents)[:3]:
-        if (parent / "config.yaml").is_file():
-            return RunFolder(parent)
-    return None
 
 
 def _adapter_base(folder: Path) -> str | None:
@@ -92,12 +83,12 @@ def locate_publishable(target: str | Path) -> Publishable:
         raise UserError(f"{path} has no adapter/ or {FULL_MODEL_DIR}/ yet; train it first (or give the folder to "
                         "publish)")
     if (path / ADAPTER_CONFIG).is_file():
-        run = _enclosing_run(path)
+        run = enclosing_run(path)
         config = run.load_config() if run else None
         base = config.model.path if config else _adapter_base(path)
         return Publishable(path, "adapter", run, config, base)
     if (path / "config.json").is_file():
-        run = _enclosing_run(path)
+        run = enclosing_run(path)
         return Publishable(path, "model", run, run.load_config() if run else None)
     raise UserError(f"{path} holds no model (config.json), adapter ({ADAPTER_CONFIG}) or run (config.yaml); "
                     "give one of them")

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 from lowtune.errors import UserError
 from lowtune.generation import Sampling, stream_answer
 from lowtune.models.builtin import is_builtin
-from lowtune.models.load import FULL_MODEL_DIR, load_model, load_tokenizer
+from lowtune.models.load import load_model, load_tokenizer
 from lowtune.models.resolve import HUB_ID, resolve_model_dir
-from lowtune.runs import RunFolder
+from lowtune.runs import ADAPTER_CONFIG, RunFolder, enclosing_run, is_adapter_dir, read_stop_ids
 from lowtune.templates import FAMILY_TEMPLATES, STOP_WORDS, TEMPLATE_FILE, ChatTemplate, resolve_template
 
 if TYPE_CHECKING:
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
     from lowtune.config import Config
 
-ADAPTER_CONFIG = "adapter_config.json"
 GENERATION_CONFIG = "generation_config.json"
 
 
@@ -64,45 +63,13 @@ class Source:
         return bool(self.config and self.config.model.trust_remote_code)
 
 
-def read_stop_ids(generation_config: Path) -> list[int]:
-    """eos_token_id of a generation_config.json as a list (empty when the file is missing)."""
-    if not generation_config.is_file():
-        return []
-    try:
-        eos = json.loads(generation_config.read_text(encoding="utf-8")).get("eos_token_id")
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{generation_config} is not valid JSON ({exc.msg}); delete it or fix it") from None
-    ids = eos if isinstance(eos, list) else [eos]
-    return [int(i) for i in ids if isinstance(i, int)]
-
-
-def is_adapter_dir(path: Path) -> bool:
-    return (path / ADAPTER_CONFIG).is_file()
-
-
 def run_weights(run: RunFolder) -> Path:
     """The folder holding a run's trained weights: adapter/ (or a full model there), else the newest checkpoint."""
-    for candidate in _weight_candidates(run):
-        if is_adapter_dir(candidate) or (candidate / "config.json").is_file():
-            return candidate
-    raise UserError(f"{run.root} has no trained weights yet (no adapter/ and no complete checkpoint); "
-                    f"train it first or pass --adapter PATH")
-
-
-def _weight_candidates(run: RunFolder) -> list[Path]:
-    found = [run.adapter_dir, run.root / FULL_MODEL_DIR]
-    latest = run.latest_checkpoint()
-    if latest is not None:
-        found += [latest / "adapter", latest / FULL_MODEL_DIR, latest]
-    return found
-
-
-def _run_of(adapter_dir: Path) -> RunFolder | None:
-    """The run folder an adapter folder sits in (run/adapter or run/checkpoints/step-N[/adapter]), if any."""
-    for parent in list(adapter_dir.resolve().parents)[:3]:
-        if (parent / "config.yaml").is_file():
-            return RunFolder(parent)
-    return None
+    weights = run.trained_weights()
+    if weights is None:
+        raise UserError(f"{run.root} has no trained weights yet (no adapter/ and no complete checkpoint); "
+                        f"train it first or pass --adapter PATH")
+    return weights
 
 
 def locate_run(root: Path, adapter: str | None = None) -> Source:
@@ -131,7 +98,7 @@ def adapter_base(adapter_dir: Path) -> str:
 
 def locate_adapter(adapter_dir: Path, base: str | None = None) -> Source:
     """An adapter folder: its base comes from `base`, the run folder around it, or adapter_config.json."""
-    run = _run_of(adapter_dir)
+    run = enclosing_run(adapter_dir)
     if run is not None:
         source = locate_run(run.root, adapter=str(adapter_dir))
         source.base_spec = base or source.base_spec
@@ -299,7 +266,8 @@ def load_engine(target: str, adapter: str | None = None, bits: int | None = None
     source = locate(target, adapter, base)
     trust = source.trust_remote_code
     try:
-        model_dir = resolve_model_dir(source.base_spec, hub=source.hub, revision=source.revision)
+        model_dir = resolve_model_dir(source.base_spec, hub=source.hub, revision=source.revision,
+                                      trust_remote_code=source.trust_remote_code)
     except UserError as exc:
         if source.adapter_dir is None or base:
             raise

@@ -22,8 +22,6 @@ if TYPE_CHECKING:
 HEAD_NAMES = ("lm_head", "output", "output_layer", "embed_out")
 # bitsandbytes warns on every CPU import about an optional kernel package fetched from a hub; nothing to act on
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-FULL_MODEL_DIR = "model"
-"""Run-folder subfolder holding the full HF model after full fine-tuning (LoRA runs write adapter/ instead)."""
 
 
 def default_device() -> str:

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowtune.errors import UserError
-from lowtune.models.load import FULL_MODEL_DIR
-from lowtune.runs import CHECKPOINT_PREFIX, COMPLETE_MARKER, RunFolder, atomic_write_text, publish_dir
+from lowtune.runs import CHECKPOINT_PREFIX, COMPLETE_MARKER, FULL_MODEL_DIR, RunFolder, atomic_write_text, publish_dir
 
 if TYPE_CHECKING:
     import torch

@@ -41,7 +41,7 @@ def _model_dir(cfg: Config) -> Path:
     if not Path(spec).is_dir() and HUB_ID.match(spec):
         raise UserError(f"model.path={spec} is not downloaded yet; estimate reads its config.json: "
                         f"lowtune download {spec} -o models/NAME, then model.path=models/NAME")
-    return resolve_model_dir(spec, cfg.model.hub, cfg.model.revision)
+    return resolve_model_dir(spec, cfg.model.hub, cfg.model.revision, cfg.model.trust_remote_code)
 
 
 def _gpu() -> tuple[str, int] | None:

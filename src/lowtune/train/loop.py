@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 from lowtune.config import Config, check_combination, dump_config
 from lowtune.data.dataset import TrainData, build_dataset
 from lowtune.errors import UserError, require
-from lowtune.models.load import (FULL_MODEL_DIR, apply_lora, compute_dtype, count_parameters,
+from lowtune.models.load import (apply_lora, compute_dtype, count_parameters,
                                  count_parameters_without_weights, default_device, load_model, load_tokenizer)
 from lowtune.models.resolve import resolve_model_dir
-from lowtune.runs import RunFolder
+from lowtune.runs import FULL_MODEL_DIR, RunFolder
 from lowtune.templates import ChatTemplate, resolve_template, shipped
 from lowtune.kernels import causal_lm_loss_sum, compile_layers, enable_fast_path
 from lowtune.train.batches import IGNORE_INDEX, StepPlan, collate, collate_flat, target_count, token_count
@@ -313,7 +313,7 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
     check_settings(cfg)
     run = RunFolder(Path(cfg.output.dir))
     checkpoint = find_resume(run, resume)
-    model_dir = resolve_model_dir(cfg.model.path, cfg.model.hub, cfg.model.revision)
+    model_dir = resolve_model_dir(cfg.model.path, cfg.model.hub, cfg.model.revision, cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     template = resolve_template(cfg.model.template, tokenizer, model_dir)
     data = build_dataset(cfg, tokenizer, template)
