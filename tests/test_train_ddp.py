@@ -50,3 +50,27 @@ def test_two_processes_match_one(tmp_path):
     assert ddp[0] == pytest.approx(single[0], rel=1e-4)
     assert ddp[1] == pytest.approx(single[1], rel=1e-4)
     assert (tmp_path / "ddp" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_torchrun_command_follows_the_usual_variables():
+    from lowtune.errors import UserError
+    from lowtune.train.launch import needs_launch, requested_processes, torchrun_command
+
+    assert requested_processes(None, {"NPROC_PER_NODE": "4"}) == 4 and requested_processes(2, {}) == 2
+    assert not needs_launch(1, {}) and needs_launch(2, {}) and needs_launch(1, {"NNODES": "2"})
+    single = torchrun_command(2, ["cfg.yaml"], {})
+    assert "--standalone" in single and "--nproc-per-node=2" in single and single[-2:] == ["train", "cfg.yaml"]
+    multi = torchrun_command(8, ["cfg.yaml"], {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"})
+    assert {"--nnodes=2", "--node-rank=1", "--master-addr=10.0.0.1", "--master-port=29500"} <= set(multi)
+    with pytest.raises(UserError, match="MASTER_ADDR"):
+        torchrun_command(8, ["cfg.yaml"], {"NNODES": "2"})
+    with pytest.raises(UserError, match="NPROC_PER_NODE"):
+        requested_processes(None, {"NPROC_PER_NODE": "two"})
+
+
+def test_sharded_strategies_are_refused_rather_than_ignored(tmp_path):
+    from lowtune.errors import UserError
+
+    cfg = load_config(str(write_setup(tmp_path, "zero")), ["train.distributed=zero3"])
+    with pytest.raises(UserError, match="train.distributed=zero3"):
+        train(cfg)

@@ -86,12 +86,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"unknown option {unknown[0]} for `lowtune train`; see `lowtune train --help`")
     cfg = load_config(args.config, overrides)
-    resume, dry_run, nproc = late.resume or args.resume, late.dry_run or args.dry_run, late.nproc or args.nproc
-    if nproc and nproc > 1 and not dry_run:
-        from lowtune.train.launch import in_worker, launch
+    resume, dry_run = late.resume or args.resume, late.dry_run or args.dry_run
+    from lowtune.train.launch import in_worker, launch, needs_launch, requested_processes
 
-        if not in_worker():
-            return launch(nproc, [args.config, *overrides] + (["--resume", resume] if resume else []))
+    nproc = requested_processes(late.nproc or args.nproc)
+    if needs_launch(nproc) and not dry_run and not in_worker():
+        return launch(nproc, [args.config, *overrides] + (["--resume", resume] if resume else []))
     train(cfg, resume=resume, dry_run=dry_run)
     return 0
 

@@ -88,6 +88,9 @@ def check_settings(cfg: Config) -> None:
         require("bitsandbytes", "qlora", f"model.quantization={cfg.model.quantization}")
     check_optimizer(cfg.train.optimizer)
     check_trackers(cfg.log.to)
+    if cfg.train.distributed not in ("auto", "ddp"):
+        raise UserError(f"train.distributed={cfg.train.distributed} is not available yet: several GPUs train with "
+                        "DDP (each holds the whole model; QLoRA 7B fits one 8 GB card); use train.distributed=ddp")
 
 
 RUN_OUTPUTS = ("metrics_path", "samples_path", "loss_plot_path", "checkpoints_dir", "adapter_dir")
