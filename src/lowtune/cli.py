@@ -141,7 +141,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if args.agent and args.compare:
         raise UserError("--agent and --compare do not go together; pick one")
     engine = load_engine(args.target, adapter=args.adapter, bits=args.bits, template=args.template,
-                         system=args.system, base=args.base)
+                         system=args.system, base=args.base, trust_remote_code=args.trust_remote_code)
     if args.agent:
         from lowtune.infer.agent import run_agent_chat
         from lowtune.infer.tools import default_tools
@@ -173,7 +173,8 @@ def _engine_for(args: argparse.Namespace):
     from lowtune.infer.engine import load_engine
 
     print(f"loading {args.target} ...", file=sys.stderr, flush=True)
-    return load_engine(args.target, template=args.template, system=args.system)
+    return load_engine(args.target, template=args.template, system=args.system,
+                       trust_remote_code=args.trust_remote_code)
 
 
 def cmd_web(args: argparse.Namespace) -> int:
@@ -337,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
 
     p = verb("chat", cmd_chat, "chat in the terminal with a run, adapter or model (streaming, multi-turn)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model's own Python code (only for families lowtune cannot load natively)")
     p.add_argument("target", metavar="MODEL|RUN",
                    help="run folder, adapter folder, model folder, hub id or builtin:tiny")
     p.add_argument("--adapter", metavar="PATH", help="PEFT adapter to put on MODEL")
@@ -373,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-base", action="store_true", help="skip the base model's loss")
 
     p = verb("web", cmd_web, "browser chat (Gradio) with system prompt and sampling controls; local only")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model's own Python code (only for families lowtune cannot load natively)")
     p.add_argument("target", metavar="MODEL|RUN", help="run folder, adapter folder, model folder, hub id or builtin:NAME")
     p.add_argument("--host", help="address to listen on (default $GRADIO_SERVER_NAME or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default $GRADIO_SERVER_PORT or 6006)")
@@ -380,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="default system prompt (editable on the page)")
 
     p = verb("serve", cmd_serve, "OpenAI-compatible HTTP API: /v1/chat/completions (streaming too), /v1/models")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model's own Python code (only for families lowtune cannot load natively)")
     p.add_argument("target", metavar="MODEL|RUN", help="run folder, adapter folder, model folder, hub id or builtin:NAME")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")

@@ -257,17 +257,19 @@ class ChatEngine:
 
 
 def load_engine(target: str, adapter: str | None = None, bits: int | None = None, template: str | None = None,
-                system: str | None = None, dtype: str = "auto", base: str | None = None) -> ChatEngine:
+                system: str | None = None, dtype: str = "auto", base: str | None = None,
+                trust_remote_code: bool = False) -> ChatEngine:
     """Load TARGET for chat: a run folder, adapter folder, merged/plain model folder, hub id or builtin:NAME.
 
     `adapter` adds a PEFT adapter to a plain model (or replaces a run's), `bits` loads the base in 4/8-bit,
-    `template` overrides the chat template, `system` the default system prompt, `base` the base of an adapter.
+    `template` overrides the chat template, `system` the default system prompt, `base` the base of an adapter;
+    `trust_remote_code` runs a model's own Python code (a run's config may also say so).
     """
     source = locate(target, adapter, base)
-    trust = source.trust_remote_code
+    trust = trust_remote_code or source.trust_remote_code
     try:
         model_dir = resolve_model_dir(source.base_spec, hub=source.hub, revision=source.revision,
-                                      trust_remote_code=source.trust_remote_code)
+                                      trust_remote_code=trust)
     except UserError as exc:
         if source.adapter_dir is None or base:
             raise
