@@ -88,11 +88,14 @@ def run(cmd: list[str], env: dict, timeout: int = 420) -> tuple[int, str]:
     return code, text
 
 
-def baseline(variant: str, bs: int, gc: bool, cap: float = 0, lengths: str | None = None, seq: int = SEQ) -> dict:
+def baseline(variant: str, bs: int, gc: bool, cap: float = 0, lengths: str | None = None, seq: int = SEQ,
+             row: str | None = None, steps: int = 6, warmup: int = 2) -> dict:
     if SMALL:
         return {"name": f"HF {variant}", "error": "skipped (SMALL=1 checks lowtune's side only)"}
-    env = {"MODEL_DIR": MODEL_DIR, "BS": str(bs), "GC": "1" if gc else "0", "SEQ": str(seq), "STEPS": "6",
-           "WARMUP": "2"}
+    env = {"MODEL_DIR": MODEL_DIR, "BS": str(bs), "GC": "1" if gc else "0", "SEQ": str(seq), "STEPS": str(steps),
+           "WARMUP": str(warmup)}
+    if row:
+        env["ROW"] = row
     if cap:
         env["CAP_GIB"] = str(cap)
     if lengths:
@@ -109,14 +112,14 @@ def baseline(variant: str, bs: int, gc: bool, cap: float = 0, lengths: str | Non
 
 
 def lowtune(name: str, data: str, overrides: list[str], cap: float = 0, seq: int = SEQ, steps: int = STEPS,
-            rows: int = 16) -> dict:
+            rows: int = 16, batch: int = 1) -> dict:
     out_dir = os.path.join(WORK, "runs", name)
     shutil.rmtree(out_dir, ignore_errors=True)
     cfg = {
         "model": {"path": MODEL_DIR, "template": "default", "quantization": "nf4"},
         "data": {"train": [data], "format": "text", "max_length": seq, "packing": True},
         "lora": {"r": 64, "alpha": 16, "dropout": 0.1, "targets": "all-linear"},
-        "train": {"epochs": 1, "max_steps": steps, "batch_size": 1, "grad_accum": rows, "lr": 2e-4,
+        "train": {"epochs": 1, "max_steps": steps, "batch_size": batch, "grad_accum": rows // batch, "lr": 2e-4,
                   "save_every": 10**6, "save_limit": 1, "log_every": 1},
         "eval": {"prompts": []}, "log": {"to": []}, "output": {"dir": out_dir},
     }
@@ -204,7 +207,31 @@ def case_b_variants(results: list) -> None:
         results.append(dict(case="b*", **lowtune(name, data, overrides, cap=CAP, steps=3)))
 
 
-CASES = {"a": case_a, "b": case_b, "c": case_c, "d": case_d, "e": case_e, "b*": case_b_variants}
+def case_g(results: list) -> None:
+    """Correctness guard: 50 steps on the same learnable data (one fixed row, 4 per step, so order cannot differ),
+    same optimizer, lr, clipping, no warmup; the two loss curves must agree (dropout and LoRA init draw different
+    random numbers, so not to the last bit)."""
+    rng = random.Random(7)
+    ids = [rng.randrange(3, VOCAB) for _ in range(SEQ - 1)]
+    data = os.path.join(WORK, "fixed.jsonl")
+    with open(data, "w") as out:
+        for _ in range(4 * 60):
+            out.write(json.dumps({"text": " ".join(f"w{i}" for i in ids)}) + "\n")
+    row = os.path.join(WORK, "fixed_row.json")
+    json.dump(ids + [2], open(row, "w"))  # the same tokens lowtune trains on: the words, then EOS
+    steps = 50
+    mine = lowtune("g_guard", data, ["train.scheduler=constant", "train.warmup_ratio=0"], steps=steps, rows=4,
+                   batch=4)
+    theirs = baseline("qlora", 4, False, row=row, steps=steps - 5, warmup=5)
+    results += [dict(case="g", **mine), dict(case="g", **theirs)]
+    if "losses" in mine and "losses" in theirs:
+        pairs = list(zip(mine["losses"], theirs["losses"]))
+        worst = max(abs(a - b) / b for a, b in pairs)
+        print(f"guard: {len(pairs)} steps, largest relative gap {worst:.3%}; lowtune {mine['losses'][::10]} "
+              f"HF {theirs['losses'][::10]}; grad norms > 0: {min(mine['grad_norms']) > 0}", flush=True)
+
+
+CASES = {"a": case_a, "b": case_b, "c": case_c, "d": case_d, "e": case_e, "b*": case_b_variants, "g": case_g}
 
 
 def table(results: list) -> str:

@@ -4,7 +4,8 @@ Run by bench/bench_train.py, one variant per subprocess:
 
     python bench/hf_baseline.py VARIANT         # qlora | qlora_liger | lora | lora_liger
     env: MODEL_DIR, SEQ (2048), BS (1), GC (1 = gradient checkpointing), STEPS (10), WARMUP (3),
-         CAP_GIB (cap this process's GPU memory), LENGTHS (a JSON file of sample lengths: padded length-mix mode)
+         CAP_GIB (cap this process's GPU memory), LENGTHS (a JSON file of sample lengths: padded length-mix mode),
+         ROW (a JSON file of token ids: every row of every batch is that row, for the loss-curve comparison)
 
 Same recipe as ../shared/bench/hf_baseline.py (which produced the baseline in the issue), plus the memory cap and
 the padded length-mix mode. QLoRA uses peft's prepare_model_for_kbit_training, as the tutorials do.
@@ -24,6 +25,7 @@ STEPS = int(os.environ.get("STEPS", 10))
 WARMUP = int(os.environ.get("WARMUP", 3))
 CAP_GIB = float(os.environ.get("CAP_GIB", 0))
 LENGTHS = os.environ.get("LENGTHS")
+ROW = os.environ.get("ROW")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -59,6 +61,10 @@ def batches(vocab: int):
     import torch
 
     gen = torch.Generator(device="cuda").manual_seed(0)
+    if ROW:
+        row = torch.tensor(json.load(open(ROW)), device="cuda")[None].repeat(BS, 1)
+        while True:
+            yield row, row, row.numel()
     lengths = json.load(open(LENGTHS)) if LENGTHS else None
     pick = random.Random(0)
     while True:
