@@ -30,7 +30,7 @@ from lowtune.models.resolve import resolve_model_dir
 from lowtune.runs import FULL_MODEL_DIR, RunFolder
 from lowtune.templates import ChatTemplate, resolve_template, shipped
 from lowtune.kernels import causal_lm_loss_sum, compile_layers, enable_fast_path
-from lowtune.train.batches import IGNORE_INDEX, StepPlan, collate, collate_flat, target_count, token_count
+from lowtune.train.batches import StepPlan, collate, collate_flat, target_count, token_count
 from lowtune.train.checkpoint import find_resume, install_weight_hooks, load_checkpoint, save_checkpoint
 from lowtune.train.observe import (TENSORBOARD_DIR, ProgressBar, Recorder, Throughput, check_trackers, format_eta,
                                    peak_memory_gb, truncate_jsonl, write_samples)

@@ -102,7 +102,7 @@ def _gpu_plan(cfg: Config, model_dir: Path, seq_len: int, capacity: int) -> Devi
     optimizer = memory.optimizer if t.optimizer == "auto" else t.optimizer
     if optimizer.endswith("8bit") or optimizer.startswith("paged"):
         try:
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes  # noqa: F401  (8-bit states need it; fall back to AdamW without)
         except ImportError:
             optimizer = "adamw"
     varlen = varlen_available()

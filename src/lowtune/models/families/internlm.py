@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lowtune.errors import UserError
-from lowtune.models.families.base import Family
+from lowtune.models.families.base import Family, llama_config
 from lowtune.models.families.spm import load_proto, save_native_tokenizer
 
 STOP_PIECES = ("<eoa>",)
@@ -44,21 +44,7 @@ class InternLM(Family):
     model_types = ("internlm",)
 
     def native_config(self, config: dict, folder: Path) -> Any:
-        from transformers import LlamaConfig
-
-        heads = config["num_attention_heads"]
-        return LlamaConfig(
-            vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
-            num_attention_heads=heads, num_key_value_heads=config.get("num_key_value_heads") or heads,
-            hidden_act=config.get("hidden_act", "silu"),
-            max_position_embeddings=config.get("max_position_embeddings", 2048),
-            rms_norm_eps=config.get("rms_norm_eps", 1e-6), initializer_range=config.get("initializer_range", 0.02),
-            attention_bias=bool(config.get("bias", True)), mlp_bias=False,
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            bos_token_id=config.get("bos_token_id", 1), eos_token_id=config.get("eos_token_id", 2),
-            pad_token_id=config.get("pad_token_id", 0), rope_parameters=rope_parameters(config),
-            dtype=config.get("torch_dtype"), architectures=["LlamaForCausalLM"])
+        return llama_config(config, rope_parameters(config), attention_bias=bool(config.get("bias", True)))
 
     def map_tensor(self, name: str, tensor, config: dict) -> Iterable[tuple[str, Any]]:
         if name.endswith("rotary_emb.inv_freq"):
