@@ -49,3 +49,28 @@ def test_cu_seq_lens_cover_each_row_and_its_padding():
     cu, longest = cu_seq_lens([[3, 4], [8]], 8, torch.device("cpu"))
     assert cu.tolist() == [0, 3, 7, 8, 16]
     assert longest == 8
+
+
+def test_compiled_layers_serve_training_steps_only(micro_dir):
+    """Training forwards go through dynamo; generation and no-grad passes stay eager (no recompiles)."""
+    import torch._dynamo
+    from transformers import AutoModelForCausalLM
+
+    from lowtune.kernels import compile_layers
+
+    torch._dynamo.reset()
+    model = AutoModelForCausalLM.from_pretrained(micro_dir, dtype=torch.float32)
+    assert compile_layers(model, backend="eager") == model.config.num_hidden_layers
+    counters = torch._dynamo.utils.counters["frames"]
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert counters["total"] == 0
+    model.train()
+    logits = model(input_ids=ids).logits
+    logits.sum().backward()
+    assert counters["total"] > 0
+    torch.testing.assert_close(logits.detach(), reference, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()

@@ -65,8 +65,12 @@ def enable_fast_path(model: Any) -> list[str]:
     return applied
 
 
-def compile_layers(model: Any) -> int:
-    """torch.compile each decoder layer (regional compilation: one graph reused by every layer); returns count."""
+def compile_layers(model: Any, backend: str = "inductor") -> int:
+    """torch.compile each decoder layer for training steps (one graph reused by every layer); returns the count.
+
+    Only training forwards (train mode, gradients on) take the compiled path: sample answers and eval loss run the
+    same layers eagerly, so one-token decoding and no-grad passes never trigger recompilation.
+    """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None:
@@ -75,5 +79,13 @@ def compile_layers(model: Any) -> int:
 
     torch._dynamo.config.suppress_errors = True  # a layer dynamo cannot compile runs eagerly instead of failing
     for layer in layers:
-        layer.compile()
+        eager = layer.forward
+        compiled = torch.compile(eager, backend=backend)
+
+        def forward(*args: Any, _layer: Any = layer, _eager: Any = eager, _compiled: Any = compiled,
+                    **kwargs: Any) -> Any:
+            fast = _layer.training and torch.is_grad_enabled()
+            return (_compiled if fast else _eager)(*args, **kwargs)
+
+        layer.forward = forward
     return len(layers)
