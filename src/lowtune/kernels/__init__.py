@@ -16,12 +16,10 @@ LIGER_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3
 
 
 def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
-    """(decoder stack, lm_head) of a causal LM, looking through a PEFT wrapper; None when the head is unusual.
-
-    None under DistributedDataParallel too: calling the decoder directly would skip DDP's gradient hooks.
-    """
+    """(decoder stack, lm_head) of a causal LM, looking through PEFT and DDP wrappers; None when the head is
+    unusual (bias, soft-capping, a custom class)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return None
+        model = model.module
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = getattr(base, "model", None), getattr(base, "lm_head", None)
     if decoder is None or head is None:
@@ -44,9 +42,25 @@ def causal_lm_loss_sum(model: Any, batch: dict[str, torch.Tensor], **model_kwarg
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                                  ignore_index=IGNORE_INDEX, reduction="sum")
     decoder, head = parts
-    hidden = decoder(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False,
-                     **model_kwargs).last_hidden_state[:, :-1]
-    return linear_cross_entropy_sum(hidden, head.weight, labels)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        hidden = _hidden_through_ddp(model, decoder, batch, model_kwargs)
+    else:
+        hidden = decoder(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False,
+                         **model_kwargs).last_hidden_state
+    return linear_cross_entropy_sum(hidden[:, :-1], head.weight, labels)
+
+
+def _hidden_through_ddp(model: Any, decoder: Any, batch: dict[str, torch.Tensor], model_kwargs: dict) -> torch.Tensor:
+    """The decoder's output, computed by DDP's own forward (so its gradient hooks run) with no logits kept."""
+    captured: list[torch.Tensor] = []
+    handle = decoder.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
+    try:
+        no_logits = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
+        model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False,
+              logits_to_keep=no_logits, **model_kwargs)
+    finally:
+        handle.remove()
+    return captured[-1]
 
 
 def enable_fast_path(model: Any) -> list[str]:
