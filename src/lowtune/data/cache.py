@@ -94,7 +94,31 @@ def _memmap(path: Path) -> np.ndarray:
     return np.memmap(path, dtype=np.int32, mode="r") if path.stat().st_size else np.zeros(0, dtype=np.int32)
 
 
-class SampleStore(Sequence):
+class _LazyRows(Sequence):
+    """A read-only sequence whose items are built on demand by `_item(index)`."""
+
+    def _item(self, index: int) -> dict:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> dict: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[dict]: ...
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self._item(index)
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self._item(i) for i in range(len(self)))
+
+
+class SampleStore(_LazyRows):
     """Samples {"input_ids", "labels"} (Python lists) read from a cache folder on demand."""
 
     def __init__(self, folder: Path, prefix: str) -> None:
@@ -112,25 +136,10 @@ class SampleStore(Sequence):
         start, end = int(self.offsets[index]), int(self.offsets[index + 1])
         return {"input_ids": self.ids[start:end].tolist(), "labels": self.labels[start:end].tolist()}
 
-    @overload
-    def __getitem__(self, index: int) -> dict: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[dict]: ...
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return self.sample(index)
-
-    def __iter__(self) -> Iterator[dict]:
-        return (self.sample(i) for i in range(len(self)))
+    _item = sample
 
 
-class PackedRows(Sequence):
+class PackedRows(_LazyRows):
     """Packed rows {"input_ids", "labels", "position_ids", "seq_lens"} assembled from a SampleStore on demand."""
 
     def __init__(self, samples: SampleStore, members: np.ndarray, row_offsets: np.ndarray) -> None:
@@ -149,17 +158,7 @@ class PackedRows(Sequence):
             row["seq_lens"].append(len(sample["input_ids"]))
         return row
 
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        return self.row(index)
-
-    def __iter__(self) -> Iterator[dict]:
-        return (self.row(i) for i in range(len(self)))
+    _item = row
 
 
 def save_rows(folder: Path, rows: list[list[int]]) -> None:
