@@ -8,10 +8,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
+from fakes.loopback import serve_in_thread, server_url, stop_server
 
 from lowtune.data.msagent import msagent_to_messages
 from lowtune.infer.agent import CORRECTION, Agent, agent_system, parse_reply, run_agent_chat
@@ -56,13 +56,10 @@ def serper():
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state["url"] = f"http://127.0.0.1:{server.server_address[1]}"
+    server = serve_in_thread(Handler)
+    state["url"] = server_url(server)
     yield state
-    server.shutdown()
-    server.server_close()
+    stop_server(server)
 
 
 def tools_for(serper):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_engine_fixtures import LOWBOT, identity_run  # noqa: F401
-from test_serve import free_port, wait_for
+from fakes.loopback import free_port, start_process, stop_process, wait_for
 
 from lowtune.cli import main
 from lowtune.errors import UserError
@@ -76,17 +76,7 @@ def start_app(app: Path, log: Path, env_extra: dict | None = None) -> tuple[subp
     port = free_port()
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False", **(env_extra or {})}
     env.pop("MODEL_ID", None)
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "app.py"], cwd=app, stdout=out, stderr=subprocess.STDOUT, env=env)
-    return proc, f"http://127.0.0.1:{port}/"
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    return start_process([sys.executable, "app.py"], log, env, cwd=app), f"http://127.0.0.1:{port}/"
 
 
 def test_apps_start_with_python_app_py_and_answer_over_http(micro_dir, identity_run, tmp_path):
@@ -113,5 +103,5 @@ def test_apps_start_with_python_app_py_and_answer_over_http(micro_dir, identity_
         tuned_answer = Client(tuned_url, verbose=False).predict(QUESTION, "", 64, 0, 0.8, api_name="/chat")
         assert tuned_answer.strip() == LOWBOT
     finally:
-        stop(micro)
-        stop(tuned)
+        stop_process(micro)
+        stop_process(tuned)

@@ -15,6 +15,8 @@ from fakes.checkpoints import (IM_END2, IM_START2, QWEN_SPECIAL_START, make_baic
                                make_chatglm3_config_only, make_internlm2_checkpoint, make_qwen2_checkpoint,
                                make_qwen_v1_checkpoint)
 
+from fakes.reference import load_state, rel_err, rms, rotate_half
+
 from lowtune.errors import UserError
 from lowtune.models.resolve import resolve_model_dir
 
@@ -22,27 +24,6 @@ F = torch.nn.functional
 
 
 # --- reference pieces (plain torch, fp32) -----------------------------------------------------------------------
-
-def load_state(folder) -> dict:
-    from safetensors.torch import load_file
-
-    state = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix == ".safetensors":
-            state.update(load_file(path))
-        elif path.suffix == ".bin":
-            state.update(torch.load(path, weights_only=True))
-    return state
-
-
-def rms(x, weight, eps):
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
 
 def rope(n: int, dim: int, base: float):
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
@@ -62,10 +43,6 @@ def decoder(x, layers: int, block: Callable, final: Callable):
     for i in range(layers):
         x = block(i, x)
     return final(x)
-
-
-def rel_err(a, b) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def native_logits(folder, ids):

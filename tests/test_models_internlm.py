@@ -10,27 +10,12 @@ import pytest
 import torch
 from fakes.checkpoints import EOA, EOH, make_internlm_v1_checkpoint
 
+from fakes.reference import load_state, rel_err, rms, rotate_half
+
 from lowtune.errors import UserError
 from lowtune.models.resolve import resolve_model_dir
 
 # --- an independent forward of modeling_internlm.py (plain torch, fp32) -----------------------------------------
-
-
-def load_original(folder) -> dict:
-    index = json.loads((folder / "pytorch_model.bin.index.json").read_text())
-    state = {}
-    for shard in sorted(set(index["weight_map"].values())):
-        state.update(torch.load(folder / shard, weights_only=True))
-    return state
-
-
-def rms(x, weight, eps):
-    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def internlm_rotary(seq_len: int, dim: int, cfg: dict):
@@ -75,10 +60,6 @@ def native_logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0]
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
-
-
 # --- checkpoints ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -104,7 +85,7 @@ def test_logits_match_the_published_architecture(style, chat7b, native7b, tmp_pa
                                           shards=3, inv_freq_buffers=False)
         native = resolve_model_dir(str(src))
     cfg = json.loads((src / "config.json").read_text())
-    state = load_original(src)
+    state = load_state(src)
     model = AutoModelForCausalLM.from_pretrained(native, dtype=torch.float32).eval()
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.config.attention_bias is (style == "7b-bias-dynamic")

@@ -15,30 +15,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from fakes.loopback import free_port, running
 
 KEY = "sk-lowtune-test"
 MODEL = "builtin:micro"
 HI = [{"role": "user", "content": "Who are you?"}]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"server did not answer {url} in {timeout}s:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +29,10 @@ def server(tmp_path_factory, micro_dir):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = {**os.environ, "LOWTUNE_API_KEY": ""}
     env.pop("LOWTUNE_API_KEY")
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "lowtune.cli", "serve", MODEL, "--port", str(port),
-                                 "--api-key", KEY], stdout=out, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(f"{base}/health", proc, log)
+    command = [sys.executable, "-m", "lowtune.cli", "serve", MODEL, "--port", str(port), "--api-key", KEY]
+    with running(command, f"{base}/health", log, env):
         yield {"base": base, "port": port, "log": log}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fakes_hub_upload import UploadHub
+from fakes.upload_hub import UploadHub
 from test_engine_fixtures import copy_run, identity_run  # noqa: F401
 
 from lowtune.cli import main

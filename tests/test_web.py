@@ -6,13 +6,12 @@ from __future__ import annotations
 import getpass
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from test_serve import free_port, wait_for
+from fakes.loopback import free_port, running
 
 from lowtune.errors import UserError
 from lowtune.infer.web import resolve_address, to_conversation, tunnel_command
@@ -65,19 +64,9 @@ def web_page(tmp_path_factory, micro_dir):
     log = tmp_path_factory.mktemp("web") / "web.log"
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port)}
     env.pop("GRADIO_SERVER_NAME", None)
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "lowtune.cli", "web", "builtin:micro"], stdout=out,
-                                stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(url, proc, log)
+    with running([sys.executable, "-m", "lowtune.cli", "web", "builtin:micro"], url, log, env):
         yield {"url": url, "port": port, "log": log}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_start_message_gives_the_address_and_tunnel(web_page):

@@ -10,6 +10,7 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lowtune import __version__
 from lowtune.errors import UserError
@@ -280,6 +281,12 @@ def cmd_data_preview(args: argparse.Namespace) -> int:
 
 # --- wiring -------------------------------------------------------------------------------------------------------
 
+def _add_verb(subparsers: Any, name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowtune", description="Low-cost fine-tuning of chat LLMs, from dataset to deployed model.")
@@ -287,9 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def verb(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(handler=handler)
-        return p
+        return _add_verb(sub, name, handler, help_text)
 
     p = verb("doctor", cmd_doctor, "versions, GPU/VRAM/bf16, 4-bit self-test, hub reachability, offline state")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds per hub reachability check (default 3)")
@@ -418,9 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
 
     def data_verb(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
-        d = data_sub.add_parser(name, help=help_text, description=help_text)
-        d.set_defaults(handler=handler)
-        return d
+        return _add_verb(data_sub, name, handler, help_text)
 
     d = data_verb("convert", cmd_data_convert, "any supported source -> canonical messages JSONL")
     d.add_argument("src", metavar="SRC", help="JSON/JSONL file, .txt, .xlsx/.csv, or a saved dataset folder")

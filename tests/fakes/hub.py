@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from fakes.loopback import serve_in_thread, server_url, stop_server
+
 
 @dataclass
 class Request:
@@ -76,24 +78,15 @@ class FakeHub:
     @property
     def url(self) -> str:
         assert self._server is not None, "start the hub first (with FakeHub() as hub: ...)"
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return server_url(self._server)
 
     def start(self) -> FakeHub:
-        hub = self
-
-        class Handler(_Handler):
-            owner = hub
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server = serve_in_thread(type("Handler", (_Handler,), {"owner": self}))
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            stop_server(self._server)
             self._server = None
 
     def __enter__(self) -> FakeHub:

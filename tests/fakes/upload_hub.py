@@ -24,6 +24,8 @@ import threading
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
+from fakes.loopback import serve_in_thread, server_url, stop_server
+
 LFS_THRESHOLD = 1024  # files at least this large (or binary) go through LFS, as on the real hubs
 
 
@@ -54,24 +56,15 @@ class UploadHub:
     @property
     def url(self) -> str:
         assert self._server is not None
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return server_url(self._server)
 
     def __enter__(self) -> UploadHub:
-        hub = self
-
-        class Handler(_Handler):
-            owner = hub
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        self._server = serve_in_thread(type("Handler", (_Handler,), {"owner": self}))
         return self
 
     def __exit__(self, *exc) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            stop_server(self._server)
 
     def authorised(self, seen: Seen) -> bool:
         auth, cookie = seen.header("Authorization") or "", seen.header("Cookie") or ""
