@@ -9,6 +9,9 @@ batch 1 x accumulation 16 rows of 2048 tokens, packing):
   a  QLoRA, whole GPU      b  QLoRA under an 8 GiB cap      c  bf16 LoRA
   d  guanaco-like length mix (lowtune packs, the baseline pads per batch)
   e  longest sequence 7B QLoRA trains in under an 8 GiB cap
+Exploration: b* (compile / micro-batch overrides under the cap), p (a torch.profiler step under the cap, then without
+offload and with expandable segments), q (py-spy of the host side under the cap, and the same plan uncapped), r (no
+Liger kernels inside compiled layers), g (50-step loss-curve guard against the baseline on learnable data).
 The baseline runs twice: as users run it (batch 1, checkpointing on) and tuned to the micro-batch and
 checkpointing lowtune's device plan picked.
 """
@@ -112,7 +115,7 @@ def baseline(variant: str, bs: int, gc: bool, cap: float = 0, lengths: str | Non
 
 
 def lowtune(name: str, data: str, overrides: list[str], cap: float = 0, seq: int = SEQ, steps: int = STEPS,
-            rows: int = 16, batch: int = 1) -> dict:
+            rows: int = 16, batch: int = 1, env: dict | None = None) -> dict:
     out_dir = os.path.join(WORK, "runs", name)
     shutil.rmtree(out_dir, ignore_errors=True)
     cfg = {
@@ -128,13 +131,32 @@ def lowtune(name: str, data: str, overrides: list[str], cap: float = 0, seq: int
         json.dump(cfg, fh)
     prelude = (f"import sys, torch; torch.cuda.set_per_process_memory_fraction({cap} * 2**30 / "
                "torch.cuda.get_device_properties(0).total_memory); " if cap and not SMALL else "import sys; ")
+    if env and "PRELUDE" in env:
+        prelude += env.pop("PRELUDE")
+    if env and "PROFILE" in env:
+        prelude += "sys.path.insert(0, " + repr(HERE) + "); import profile_hook; "
     code_text = prelude + ("from lowtune.cli import main; "
                            f"sys.exit(main(['train', {path!r}, *{overrides!r}]))")
-    env = {"PYTHONPATH": os.path.join(ROOT, "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    code, text = run([sys.executable, "-c", code_text], env, timeout=480)
+    env = {**(env or {}), "PYTHONPATH": os.path.join(ROOT, "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if not SMALL:
+        code_text = code_text.replace("from lowtune.cli import main; ", "import atexit; atexit.register(lambda: print("
+                                      "'ALLOCATOR', {k: v for k, v in torch.cuda.memory_stats().items() if 'retries' "
+                                      "in k or k.startswith('num_')})); from lowtune.cli import main; ")
+        code_text = ("import torch; " + code_text) if "import torch" not in code_text else code_text
+    spy = [env.pop("SPY"), "record", "--format", "raw", "-r", "50", "-o",
+           os.path.join(os.environ.get("OUT", WORK), f"{name}.spy"), "--"] if "SPY" in env else []
+    code, text = run([*spy, sys.executable, "-c", code_text], env, timeout=480)
+    breaks: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith(("PROFILE", "ALLOCATOR")):
+            print(line, flush=True)
+        if "Graph break" in line or "graph break" in line.lower():
+            breaks[line.strip()[:300]] = breaks.get(line.strip()[:300], 0) + 1
+    for line, count in list(breaks.items())[:12]:
+        print(f"  BREAK {count}x {line}", flush=True)
     if code != 0 and "train.compile=false" not in overrides and "OutOfMemoryError" not in text:
         print(f"  lowtune {name} failed ({text.strip().splitlines()[-1][:200]}); again without torch.compile")
-        return lowtune(name, data, [*overrides, "train.compile=false"], cap, seq, steps, rows)
+        return lowtune(name, data, [*overrides, "train.compile=false"], cap, seq, steps, rows, batch, env)
     plan = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("device plan:")), "")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     rows_ = [json.loads(ln) for ln in open(metrics_path)] if os.path.exists(metrics_path) else []
@@ -207,6 +229,39 @@ def case_b_variants(results: list) -> None:
         results.append(dict(case="b*", **lowtune(name, data, overrides, cap=CAP, steps=3)))
 
 
+def case_p(results: list) -> None:
+    """Where a step under the 8 GiB cap spends its time: a profiled step, then the plan without offloading and
+    with the allocator's expandable segments, to price each choice."""
+    data = write_text(os.path.join(WORK, "rows.jsonl"), [SEQ] * (16 * STEPS))
+    results.append(dict(case="p", **lowtune("p_profile", data, [], cap=CAP, steps=3, env={"PROFILE": "3"})))
+    results.append(dict(case="p", **lowtune("p_no_offload", data, ["train.offload_activations=false"], cap=CAP,
+                                            steps=3)))
+    results.append(dict(case="p", **lowtune("p_expandable", data, [], cap=CAP, steps=3,
+                                            env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})))
+
+
+def case_q(results: list) -> None:
+    """The capped plan sampled by py-spy (Python stacks of the host side), and the same plan without the cap."""
+    data = write_text(os.path.join(WORK, "rows.jsonl"), [SEQ] * (16 * STEPS))
+    spy = os.path.join(ROOT, ".whl", "bin", "py-spy")
+    results.append(dict(case="q", **lowtune("q_spy", data, [], cap=CAP, steps=4, env={"SPY": spy})))
+    same_plan = ["train.micro_batch=2", "train.gradient_checkpointing=true", "train.offload_activations=true",
+                 "train.optimizer=paged_adamw_8bit"]
+    results.append(dict(case="q", **lowtune("q_uncapped", data, same_plan, steps=3)))
+
+
+NO_LIGER = "import lowtune.train.loop as _loop; _loop.enable_fast_path = lambda model: []; "
+
+
+def case_r(results: list) -> None:
+    """Compiled layers without Liger's kernels (Inductor fuses RMSNorm, SwiGLU and RoPE itself): under the cap, with
+    dynamo's graph-break log, and on the whole GPU."""
+    data = write_text(os.path.join(WORK, "rows.jsonl"), [SEQ] * (16 * STEPS))
+    results.append(dict(case="r", **lowtune("r_capped_noliger", data, [], cap=CAP, steps=3,
+                                            env={"PRELUDE": NO_LIGER, "TORCH_LOGS": "graph_breaks"})))
+    results.append(dict(case="r", **lowtune("r_whole_noliger", data, [], env={"PRELUDE": NO_LIGER})))
+
+
 def case_g(results: list) -> None:
     """Correctness guard: 50 steps on the same learnable data (one fixed row, 4 per step, so order cannot differ),
     same optimizer, lr, clipping, no warmup; the two loss curves must agree (dropout and LoRA init draw different
@@ -226,12 +281,16 @@ def case_g(results: list) -> None:
     results += [dict(case="g", **mine), dict(case="g", **theirs)]
     if "losses" in mine and "losses" in theirs:
         pairs = list(zip(mine["losses"], theirs["losses"]))
-        worst = max(abs(a - b) / b for a, b in pairs)
-        print(f"guard: {len(pairs)} steps, largest relative gap {worst:.3%}; lowtune {mine['losses'][::10]} "
+        gaps = [abs(a - b) for a, b in pairs]
+        worst = max(range(len(gaps)), key=gaps.__getitem__)
+        print(f"guard: {len(pairs)} steps, largest gap {gaps[worst]:.3f} nats at step {worst} "
+              f"({gaps[worst] / pairs[0][1]:.2%} of the first loss), last {pairs[-1][0]} vs {pairs[-1][1]}; "
+              f"lowtune {mine['losses'][::10]} "
               f"HF {theirs['losses'][::10]}; grad norms > 0: {min(mine['grad_norms']) > 0}", flush=True)
 
 
-CASES = {"a": case_a, "b": case_b, "c": case_c, "d": case_d, "e": case_e, "b*": case_b_variants, "g": case_g}
+CASES = {"a": case_a, "b": case_b, "c": case_c, "d": case_d, "e": case_e, "b*": case_b_variants, "g": case_g,
+         "p": case_p, "q": case_q, "r": case_r}
 
 
 def table(results: list) -> str:

@@ -53,15 +53,33 @@ def test_fast_path_steps_equal_the_plain_step(lora_model, tokenizer, samples, fl
     plan = DevicePlan(micro_batch=1, grad_accum=8, checkpointing=offload, offload=offload, optimizer="adamw",
                       compile=False, attention="sdpa", flat_batches=flat)
     model = copy.deepcopy(lora_model)
-    if offload:
+    if offload:  # the memory-tight plan: layer inputs and the input embedding table live on the host
         from lowtune.models.load import enable_checkpointing
+        from lowtune.models.placement import HostEmbedding
 
         enable_checkpointing(model)
+        base = model.get_base_model()
+        base.set_input_embeddings(HostEmbedding(base.get_input_embeddings()))
     fast = _step(model, accelerator, samples, tokenizer.pad_token_id, plan)
     assert fast[0] == pytest.approx(plain[0], rel=1e-5)
     assert fast[1] == pytest.approx(plain[1], rel=1e-4) and fast[1] > 0
     for a, b in zip(plain[2], fast[2]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_input_embeddings_go_to_the_host_only_when_frozen_untied_and_on_a_gpu(lora_model):
+    from lowtune.models.placement import HostEmbedding, keep_input_embeddings_on_host
+
+    model = copy.deepcopy(lora_model)
+    assert keep_input_embeddings_on_host(model) == 0  # already on the CPU: nothing to free
+    base = model.get_base_model()
+    table = base.get_input_embeddings()
+    host = HostEmbedding(table)
+    ids = torch.tensor([[1, 5, 7, 2]])
+    torch.testing.assert_close(host(ids), table(ids), rtol=0, atol=0)
+    assert not list(host.parameters()) and host.output_device == table.weight.device
+    table.weight.requires_grad_(True)  # trainable (full fine-tuning): stays where it is
+    assert keep_input_embeddings_on_host(model) == 0
 
 
 def test_cpu_plan_takes_the_config_as_written(micro_dir):

@@ -64,7 +64,10 @@ def _hidden_through_ddp(model: Any, decoder: Any, batch: dict[str, torch.Tensor]
 
 
 def enable_fast_path(model: Any) -> list[str]:
-    """Patch a freshly loaded (not yet PEFT-wrapped) model with Triton kernels where they apply."""
+    """Patch a freshly loaded (not yet PEFT-wrapped) model with Liger's Triton kernels where they apply.
+
+    For eagerly run layers only: compiled layers fuse the same operations, and Liger's dispatch splits their graphs.
+    """
     applied: list[str] = []
     device = next(model.parameters()).device
     if device.type != "cuda" or getattr(model.config, "model_type", "") not in LIGER_FAMILIES:

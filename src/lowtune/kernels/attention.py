@@ -8,20 +8,20 @@ Without those kwargs, or off CUDA, it falls back to transformers' SDPA path.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 NAME = "lowtune_varlen"
 _registered = False
+_CAUSAL: dict = {}
 
 
 def varlen_available() -> bool:
+    """PyTorch's varlen FlashAttention: torch >= 2.10 on an Ampere or newer GPU."""
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
         return False
-    return torch.cuda.is_available()
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
 
 
 def cu_seq_lens(seq_lens: list[list[int]], row_length: int, device: torch.device) -> tuple[torch.Tensor, int]:
@@ -50,6 +50,10 @@ def _varlen_forward(module, query, key, value, attention_mask, scaling=None, dro
                                       **kwargs)
     from torch.nn.attention.varlen import varlen_attn
 
+    dtype = query.dtype
+    if dtype not in (torch.float16, torch.bfloat16):  # fp32 weights (full fine-tuning): the kernel is half-only
+        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        query, key, value = (t.to(half) for t in (query, key, value))
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     if kv_heads != heads:  # grouped-query attention: the varlen kernel wants equal head counts
@@ -59,23 +63,25 @@ def _varlen_forward(module, query, key, value, attention_mask, scaling=None, dro
     k = key.transpose(1, 2).reshape(batch * length, heads, dim)
     v = value.transpose(1, 2).reshape(batch * length, heads, dim)
     longest = int(kwargs["max_length_q"])
-    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **_causal_kwargs(varlen_attn))
-    return out.reshape(batch, length, heads, dim), None
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **_CAUSAL)
+    return out.reshape(batch, length, heads, dim).to(dtype), None
 
 
-@functools.lru_cache(maxsize=None)
-def _causal_kwargs(fn) -> dict:
+def _causal_kwargs() -> dict:
     """torch 2.10-2.11 spell causal masking `is_causal=True`; later releases `window_size=(-1, 0)`."""
     import inspect
 
-    params = inspect.signature(fn).parameters
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
     return {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
 
 
 def register() -> str:
     """Make "lowtune_varlen" a valid attn_implementation; returns the name."""
-    global _registered
+    global _registered, _CAUSAL
     if not _registered:
+        _CAUSAL = _causal_kwargs()  # looked up once, outside the compiled layers
         from transformers import AttentionInterface
 
         AttentionInterface.register(NAME, _varlen_forward)

@@ -90,10 +90,15 @@ class MemoryPlan:
                 f"{self.capacity_bytes / GIB:.1f} GiB ({parts} GiB)")
 
 
-def weight_bytes(shape: Shape, quantization: str, full_finetune: bool = False) -> int:
+def weight_bytes(shape: Shape, quantization: str, full_finetune: bool = False,
+                 host_input_embeddings: bool = False) -> int:
+    """GPU bytes of the model's weights; a frozen, untied input embedding kept on the host costs none."""
     per_linear = {"nf4": NF4_BYTES_PER_PARAM, "int8": 1.0}.get(quantization, 2.0)
     master = 4 if full_finetune else 0  # full fine-tuning keeps fp32 weights
-    return int(shape.linear_params * (per_linear + master) + shape.embedding_params * (2 + master))
+    embeddings = shape.embedding_params
+    if host_input_embeddings and not full_finetune and not shape.tied:
+        embeddings -= shape.vocab * shape.hidden
+    return int(shape.linear_params * (per_linear + master) + embeddings * (2 + master))
 
 
 def lora_params(shape: Shape, r: int) -> int:
@@ -117,7 +122,9 @@ def forecast(shape: Shape, *, quantization: str, lora_r: int | None, optimizer: 
     full = lora_r is None
     trainable = shape.linear_params + shape.embedding_params if full else lora_params(shape, lora_r)
     state = trainable * (OPTIMIZER_BYTES_PER_PARAM[optimizer] - (4 if full else 0))
-    return {"weights": weight_bytes(shape, quantization, full), "adapter+optimizer": int(state),
+    # the memory-tight mode (offloaded layer inputs) also keeps the input embedding table on the host
+    return {"weights": weight_bytes(shape, quantization, full, host_input_embeddings=offload),
+            "adapter+optimizer": int(state),
             "activations": activation_bytes(shape, tokens, checkpointing, offload), "workspace": WORKSPACE_BYTES}
 
 

@@ -26,6 +26,7 @@ from lowtune.data.dataset import TrainData, build_dataset
 from lowtune.errors import UserError, require
 from lowtune.models.load import (apply_lora, compute_dtype, count_parameters,
                                  count_parameters_without_weights, default_device, load_model, load_tokenizer)
+from lowtune.models.placement import keep_input_embeddings_on_host
 from lowtune.models.resolve import resolve_model_dir
 from lowtune.runs import FULL_MODEL_DIR, RunFolder
 from lowtune.templates import ChatTemplate, resolve_template, shipped
@@ -253,7 +254,8 @@ def build_model(cfg: Config, model_dir: Path, accelerator: Accelerator, plan: De
     dtype = cfg.model.dtype if cfg.lora.enabled else "fp32"
     model = load_model(model_dir, cfg.model.quantization, cfg.model.double_quant, dtype, str(accelerator.device),
                        cfg.model.trust_remote_code, attn_implementation=plan.attention)
-    enable_fast_path(model)
+    if not plan.compile:  # compiled layers fuse norms, SwiGLU and RoPE themselves; Liger's calls split the graphs
+        enable_fast_path(model)
     model = apply_lora(model, cfg.lora, plan.checkpointing)
     if plan.compile:
         compile_layers(model)
@@ -344,6 +346,7 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
     model = build_model(cfg, model_dir, accelerator, device_plan)
     reset_peak_memory(accelerator.device)  # the peak we report is training's, not quantisation's while loading
     trainable, params = count_parameters(model)
+    host_bytes = keep_input_embeddings_on_host(model) if device_plan.offload else 0
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train,
                                 device_plan.optimizer)
     scheduler = build_scheduler(optimizer, cfg.train, total)
@@ -355,6 +358,8 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
         _say(console, data.describe())
         _say(console, _describe_plan(plan, total, cfg, trainable, params))
         _say(console, device_plan.describe())
+        if host_bytes:
+            _say(console, f"      input embeddings in host memory ({host_bytes / 2**20:.0f} MiB of GPU memory freed)")
     result = TrainResult(run.root, step, trainable=trainable, total=params,
                          model=accelerator.unwrap_model(model), tokenizer=tokenizer)
     recorder = Recorder(run, cfg, console, enabled=main)

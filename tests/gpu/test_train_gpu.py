@@ -53,6 +53,17 @@ def test_cuda_training_learns(tmp_path, overrides):
     assert all(r["peak_mem_gb"] > 0 and r["grad_norm"] > 0 for r in rows if "loss" in r)
 
 
+def test_memory_tight_plan_trains_and_answers_with_the_embedding_table_on_the_host(tmp_path, capsys):
+    overrides = ["model.quantization=nf4", "train.gradient_checkpointing=true", "train.offload_activations=true",
+                 "train.optimizer=paged_adamw_8bit"]
+    result = train(load_config(str(write_config(tmp_path)), overrides))
+    assert "input embeddings in host memory" in capsys.readouterr().out
+    assert result.model.get_base_model().get_input_embeddings().weight.device.type == "cpu"
+    assert result.losses[-1] < result.losses[0] - 0.5
+    samples = (tmp_path / "run" / "samples.jsonl").read_text(encoding="utf-8")
+    assert "Tell me about item 3." in samples
+
+
 def test_activation_checkpointing_lowers_peak_memory(tmp_path):
     peaks = {}
     for checkpointing in (False, True):
