@@ -74,3 +74,34 @@ def test_compiled_layers_serve_training_steps_only(micro_dir):
     assert counters["total"] > 0
     torch.testing.assert_close(logits.detach(), reference, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=None, **causal):
+    """Stand-in for PyTorch's CUDA-only varlen kernel: half precision in, causal attention per sample."""
+    assert q.dtype in (torch.float16, torch.bfloat16) and k.shape == q.shape
+    out = torch.empty_like(q)
+    bounds = cu_q.tolist()
+    for start, end in zip(bounds, bounds[1:]):
+        seg = [t[start:end].transpose(0, 1).float() for t in (q, k, v)]  # [heads, len, dim]
+        out[start:end] = torch.nn.functional.scaled_dot_product_attention(*seg, is_causal=True,
+                                                                          scale=scale).transpose(0, 1).to(q.dtype)
+    return out
+
+
+def test_flat_attention_casts_fp32_and_expands_grouped_heads(monkeypatch):
+    import torch.nn.attention.varlen as varlen
+
+    from lowtune.kernels.attention import flat_attention
+
+    monkeypatch.setattr(varlen, "varlen_attn", _reference_varlen)
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 4, 10, 8, generator=gen)  # one flattened row holding samples of 6 and 4 tokens
+    key, value = torch.randn(1, 2, 10, 8, generator=gen), torch.randn(1, 2, 10, 8, generator=gen)
+    cu, longest = cu_seq_lens([[6, 4]], 10, torch.device("cpu"))
+    out = flat_attention(query, key, value, cu, longest, None)
+    assert out.dtype == torch.float32 and out.shape == (1, 10, 4, 8)
+    for start, end in [(0, 6), (6, 10)]:
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end].repeat_interleave(2, dim=1),
+            value[:, :, start:end].repeat_interleave(2, dim=1), is_causal=True).transpose(1, 2)
+        torch.testing.assert_close(out[:, start:end], expected, atol=3e-2, rtol=3e-2)

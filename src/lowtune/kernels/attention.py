@@ -48,6 +48,13 @@ def _varlen_forward(module, query, key, value, attention_mask, scaling=None, dro
     if cu is None or not query.is_cuda:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
+    return flat_attention(query, key, value, cu, int(kwargs["max_length_q"]), scaling), None
+
+
+def flat_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu: torch.Tensor, longest: int,
+                   scaling: float | None) -> torch.Tensor:
+    """Causal attention within each sample of flattened rows ([batch, heads, length, dim] in, [batch, length,
+    heads, dim] out, in the query's dtype)."""
     from torch.nn.attention.varlen import varlen_attn
 
     dtype = query.dtype
@@ -62,9 +69,8 @@ def _varlen_forward(module, query, key, value, attention_mask, scaling=None, dro
     q = query.transpose(1, 2).reshape(batch * length, heads, dim)
     k = key.transpose(1, 2).reshape(batch * length, heads, dim)
     v = value.transpose(1, 2).reshape(batch * length, heads, dim)
-    longest = int(kwargs["max_length_q"])
     out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **_CAUSAL)
-    return out.reshape(batch, length, heads, dim).to(dtype), None
+    return out.reshape(batch, length, heads, dim).to(dtype)
 
 
 def _causal_kwargs() -> dict:
