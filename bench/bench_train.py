@@ -11,7 +11,8 @@ batch 1 x accumulation 16 rows of 2048 tokens, packing):
   e  longest sequence 7B QLoRA trains in under an 8 GiB cap
 Exploration: b* (compile / micro-batch overrides under the cap), p (a torch.profiler step under the cap, then without
 offload and with expandable segments), q (py-spy of the host side under the cap, and the same plan uncapped), r (no
-Liger kernels inside compiled layers), g (50-step loss-curve guard against the baseline on learnable data).
+Liger kernels inside compiled layers), g (50-step loss-curve guard against the baseline on learnable data),
+m (DDP scaling: `--nproc NPROC` against one process, same global batch; needs NPROC GPUs).
 The baseline runs twice: as users run it (batch 1, checkpointing on) and tuned to the micro-batch and
 checkpointing lowtune's device plan picked.
 """
@@ -262,6 +263,20 @@ def case_r(results: list) -> None:
     results.append(dict(case="r", **lowtune("r_whole_noliger", data, [], env={"PRELUDE": NO_LIGER})))
 
 
+def case_m(results: list) -> None:
+    """Several GPUs (DDP through `lowtune train --nproc N`): the case-a QLoRA config on 1 and on N processes, each
+    process taking 16 rows per optimizer step (the global batch grows with N, as in XTuner and HF Trainer); scaling =
+    N-process tok/s over 1-process tok/s. N = NPROC (2)."""
+    nproc = os.environ.get("NPROC", "2")
+    data = write_text(os.path.join(WORK, "rows_many.jsonl"), [SEQ] * (16 * int(nproc) * (STEPS + 1)))
+    one = lowtune("m_1proc", data, [])
+    many = lowtune(f"m_{nproc}proc", data, ["--nproc", nproc])
+    results += [dict(case="m", **one), dict(case="m", **many)]
+    if "tok_per_s" in one and "tok_per_s" in many:
+        print(f"scaling: {nproc} processes {many['tok_per_s']:.0f} tok/s vs 1 process {one['tok_per_s']:.0f} tok/s "
+              f"= {many['tok_per_s'] / one['tok_per_s']:.2f}x", flush=True)
+
+
 def case_g(results: list) -> None:
     """Correctness guard: 50 steps on the same learnable data (one fixed row, 4 per step, so order cannot differ),
     same optimizer, lr, clipping, no warmup; the two loss curves must agree (dropout and LoRA init draw different
@@ -290,7 +305,7 @@ def case_g(results: list) -> None:
 
 
 CASES = {"a": case_a, "b": case_b, "c": case_c, "d": case_d, "e": case_e, "b*": case_b_variants, "g": case_g,
-         "p": case_p, "q": case_q, "r": case_r}
+         "p": case_p, "q": case_q, "r": case_r, "m": case_m}
 
 
 def table(results: list) -> str:
