@@ -135,3 +135,13 @@ def test_resolve_model_dir_downloads_hub_ids_into_the_modelscope_cache(online, t
     assert (native / "model.safetensors.index.json").is_file()
     online.setenv("HF_HUB_OFFLINE", "1")  # the hub is gone; the cached snapshot is found offline
     assert str(tmp_path / "ms-cache") in str(download(REPO, hub="modelscope"))
+
+
+def test_a_missing_tutorial_folder_says_how_to_download_it(tmp_path, monkeypatch):
+    from lowtune.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as caught:  # never taken for a hub id: "models" owns nothing on either hub
+        resolve_model_dir("models/internlm-chat-7b")
+    assert "lowtune download Shanghai_AI_Laboratory/internlm-chat-7b --hub modelscope -o models/internlm-chat-7b" \
+        in str(caught.value)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from lowtune.models.builtin import is_builtin
-from lowtune.models.resolve import HUB_ID
+from lowtune.models.resolve import is_hub_id
 
 if TYPE_CHECKING:
     from lowtune.config import Config
@@ -94,7 +94,7 @@ def hub_id_or_none(spec: str) -> str | None:
         return None
     if spec.lower().endswith(DATA_SUFFIXES):  # a data file that is not here, not a repository
         return None
-    return spec if HUB_ID.match(spec) else None
+    return spec if is_hub_id(spec) else None
 
 
 def read_front_matter(readme: Path) -> dict:

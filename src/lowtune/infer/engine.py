@@ -20,7 +20,7 @@ from lowtune.errors import UserError
 from lowtune.generation import Sampling, stream_answer
 from lowtune.models.builtin import is_builtin
 from lowtune.models.load import load_model, load_tokenizer
-from lowtune.models.resolve import HUB_ID, resolve_model_dir
+from lowtune.models.resolve import is_hub_id, resolve_model_dir
 from lowtune.runs import ADAPTER_CONFIG, RunFolder, enclosing_run, is_adapter_dir, read_stop_ids
 from lowtune.templates import FAMILY_TEMPLATES, STOP_WORDS, TEMPLATE_FILE, ChatTemplate, resolve_template
 
@@ -104,17 +104,13 @@ def locate_adapter(adapter_dir: Path, base: str | None = None) -> Source:
         source.base_spec = base or source.base_spec
         return source
     spec = base or adapter_base(adapter_dir)
-    if not spec or not (is_builtin(spec) or Path(spec).is_dir() or _looks_like_hub_id(spec)):
+    if not spec or not (is_builtin(spec) or Path(spec).is_dir() or is_hub_id(spec)):
         raise UserError(f"the base model of adapter {adapter_dir} was not found "
                         f"(adapter_config.json names '{spec}'); give --base PATH")
     tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else None
     template_path = adapter_dir / TEMPLATE_FILE if (adapter_dir / TEMPLATE_FILE).is_file() else None
     return Source(name=adapter_dir.name, base_spec=spec, adapter_dir=adapter_dir, template_path=template_path,
                   tokenizer_dir=tokenizer_dir)
-
-
-def _looks_like_hub_id(spec: str) -> bool:
-    return bool(HUB_ID.match(spec)) and not Path(spec).is_absolute() and not spec.startswith(".")
 
 
 def locate(target: str, adapter: str | None = None, base: str | None = None) -> Source:

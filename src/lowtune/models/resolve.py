@@ -14,6 +14,23 @@ from lowtune.errors import UserError
 from lowtune.models.builtin import builtin_path, is_builtin
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# `models/NAME` is the tutorial's download folder, never a hub id ("models" is no owner on either hub)
+LOCAL_FOLDER = "models/"
+# where the tutorial's folders come from (ModelScope ids, as the tutorial downloads them)
+TUTORIAL_MODELS = {"internlm-chat-7b": "Shanghai_AI_Laboratory/internlm-chat-7b",
+                   "internlm-7b": "Shanghai_AI_Laboratory/internlm-7b"}
+
+
+def is_hub_id(spec: str) -> bool:
+    return bool(HUB_ID.match(spec)) and not spec.startswith((".", "/", LOCAL_FOLDER))
+
+
+def missing_folder_error(spec: str) -> UserError:
+    """A `models/NAME` folder that is not there yet: say how to download it."""
+    name = Path(spec).name
+    source = f"{TUTORIAL_MODELS[name]} --hub modelscope" if name in TUTORIAL_MODELS else "OWNER/NAME"
+    return UserError(f"model folder not found: {spec} (relative to {Path.cwd()}); download it first: "
+                     f"lowtune download {source} -o {spec}, or give another folder or hub id")
 
 
 def resolve_model_dir(spec: str, hub: str = "auto", revision: str | None = None,
@@ -24,10 +41,12 @@ def resolve_model_dir(spec: str, hub: str = "auto", revision: str | None = None,
     path = Path(spec).expanduser()
     if path.is_dir():
         return _prepared(path, trust_remote_code)
-    if HUB_ID.match(spec) and not spec.startswith((".", "/")):
+    if is_hub_id(spec):
         from lowtune.models.download import download  # network only for hub ids
 
         return _prepared(download(spec, hub=hub, revision=revision), trust_remote_code)
+    if spec.startswith(LOCAL_FOLDER):
+        raise missing_folder_error(spec)
     raise UserError(f"model not found: '{spec}' is neither a local folder nor a hub id like owner/name "
                     "(or builtin:tiny)")
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from lowtune.config import Config
 from lowtune.errors import UserError
 from lowtune.models.memory import GIB, MODE_SPEED, Shape, forecast, plan_memory
-from lowtune.models.resolve import HUB_ID, resolve_model_dir
+from lowtune.models.resolve import is_hub_id, resolve_model_dir
 from lowtune.train.plan import USABLE_SHARE, gpu_capacity_bytes, rows_per_step
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ def _shape(model_dir: Path) -> Shape:
 
 def _model_dir(cfg: Config) -> Path:
     spec = cfg.model.path
-    if not Path(spec).is_dir() and HUB_ID.match(spec):
+    if not Path(spec).is_dir() and is_hub_id(spec):
         raise UserError(f"model.path={spec} is not downloaded yet; estimate reads its config.json: "
                         f"lowtune download {spec} -o models/NAME, then model.path=models/NAME")
     return resolve_model_dir(spec, cfg.model.hub, cfg.model.revision, cfg.model.trust_remote_code)
