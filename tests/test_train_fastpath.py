@@ -97,3 +97,15 @@ def test_micro_batch_must_divide_the_rows_per_step(micro_dir):
     cfg = Config.model_validate({"train": {"batch_size": 2, "grad_accum": 3, "micro_batch": 4}})
     with pytest.raises(UserError, match="must divide"):
         plan_device(cfg, micro_dir, "cpu", 256)
+
+
+@pytest.mark.parametrize("capability, compiled", [((6, 1), False), ((7, 5), True), ((9, 0), True)])
+def test_gpu_plan_compiles_only_where_triton_runs(micro_dir, monkeypatch, capability, compiled):
+    from lowtune.train import plan as plan_module
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: capability)
+    cfg = Config.model_validate({"train": {"batch_size": 1, "grad_accum": 4}, "model": {"quantization": "nf4"}})
+    plan = plan_module._gpu_plan(cfg, micro_dir, 256, capacity=4 * 2**30)
+    assert plan.compile is compiled
+    assert plan_module._gpu_plan(Config.model_validate({"train": {"compile": True}}), micro_dir, 256,
+                                 capacity=4 * 2**30).compile  # asked for: honoured

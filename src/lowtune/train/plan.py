@@ -77,6 +77,13 @@ def gpu_capacity_bytes() -> int:
     return int(USABLE_SHARE * min(free, allowed))
 
 
+def triton_supported() -> bool:
+    """torch.compile's GPU code generator (Triton) needs compute capability 7.0 or newer (Volta on)."""
+    import torch
+
+    return torch.cuda.get_device_capability() >= (7, 0)
+
+
 def _cpu_plan(cfg: Config) -> DevicePlan:
     micro = cfg.train.batch_size if cfg.train.micro_batch == "auto" else cfg.train.micro_batch
     checkpointing = _as_bool(cfg.train.gradient_checkpointing, False)
@@ -107,7 +114,7 @@ def _gpu_plan(cfg: Config, model_dir: Path, seq_len: int, capacity: int) -> Devi
             optimizer = "adamw"
     varlen = varlen_available()
     return DevicePlan(micro_batch=micro, grad_accum=rows // micro, checkpointing=checkpointing, offload=offload,
-                      optimizer=optimizer, compile=_as_bool(t.compile, True),
+                      optimizer=optimizer, compile=_as_bool(t.compile, triton_supported()),
                       attention=register() if varlen else "sdpa", flat_batches=varlen, memory=memory)
 
 
