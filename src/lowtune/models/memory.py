@@ -66,6 +66,11 @@ class Shape:
         return (6 if full else 4) * n + attention
 
 
+def known_shape(spec: str) -> Shape | None:
+    """The published shape of a recipe's model, by its repository or folder name, for planning before download."""
+    return KNOWN_SHAPES.get(spec.rstrip("/").rsplit("/", 1)[-1].lower())
+
+
 @dataclass
 class MemoryPlan:
     micro_batch: int
@@ -157,3 +162,16 @@ def plan_memory(shape: Shape, *, capacity_bytes: int, seq_len: int, rows_per_ste
     if fitting:
         return max(fitting, key=lambda item: item[1])[0]
     return min((plan for plan, _ in plans), key=lambda plan: plan.peak_bytes)
+
+
+# config.json values of the models the shipped recipes name (their published configs)
+KNOWN_SHAPES = {
+    "internlm-chat-7b": Shape(layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=103168),
+    "internlm-7b": Shape(layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=103168),
+    "internlm2-chat-7b": Shape(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=92544),
+    "qwen-7b-chat": Shape(layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=151936),
+    "baichuan2-7b-chat": Shape(layers=32, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=125696),
+    "meta-llama-3-8b-instruct": Shape(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8,
+                                      vocab=128256),
+    "qwen2-7b-instruct": Shape(layers=28, hidden=3584, intermediate=18944, heads=28, kv_heads=4, vocab=152064),
+}

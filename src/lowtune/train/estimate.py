@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 
 from lowtune.config import Config
 from lowtune.errors import UserError
-from lowtune.models.memory import GIB, MODE_SPEED, Shape, forecast, plan_memory
-from lowtune.models.resolve import is_hub_id, resolve_model_dir
+from lowtune.models.memory import GIB, MODE_SPEED, Shape, forecast, known_shape, plan_memory
+from lowtune.models.resolve import LOCAL_FOLDER, is_hub_id, resolve_model_dir
 from lowtune.train.plan import USABLE_SHARE, gpu_capacity_bytes, rows_per_step
 
 if TYPE_CHECKING:
@@ -38,12 +38,19 @@ def _shape(model_dir: Path) -> Shape:
                         "(num_hidden_layers, hidden_size, vocab_size)") from None
 
 
-def _model_dir(cfg: Config) -> Path:
+def _model(cfg: Config) -> tuple[Path | None, Shape]:
+    """(folder, shape) of the model; a recipe's model that is not downloaded yet is planned from its published
+    shape (no folder, so no data tokens)."""
     spec = cfg.model.path
-    if not Path(spec).is_dir() and is_hub_id(spec):
-        raise UserError(f"model.path={spec} is not downloaded yet; estimate reads its config.json: "
-                        f"lowtune download {spec} -o models/NAME, then model.path=models/NAME")
-    return resolve_model_dir(spec, cfg.model.hub, cfg.model.revision, cfg.model.trust_remote_code)
+    if not Path(spec).is_dir() and (is_hub_id(spec) or spec.startswith(LOCAL_FOLDER)):
+        shape = known_shape(spec)
+        if shape is None:
+            raise UserError(f"model.path={spec} is not downloaded yet; estimate reads its config.json: "
+                            f"lowtune download {spec if is_hub_id(spec) else 'OWNER/NAME'} -o models/NAME, "
+                            "then model.path=models/NAME")
+        return None, shape
+    model_dir = resolve_model_dir(spec, cfg.model.hub, cfg.model.revision, cfg.model.trust_remote_code)
+    return model_dir, _shape(model_dir)
 
 
 def _gpu() -> tuple[str, int] | None:
@@ -73,8 +80,10 @@ def _data_tokens(cfg: Config, model_dir: Path) -> int | None:
 def estimate(cfg: Config, gpu_memory_gib: float | None, console: Console) -> int:
     from rich.table import Table
 
-    model_dir = _model_dir(cfg)
-    shape = _shape(model_dir)
+    model_dir, shape = _model(cfg)
+    if model_dir is None:
+        console.print(f"{cfg.model.path} is not here yet: planning with its published shape ({shape.layers} layers, "
+                      f"hidden {shape.hidden}, vocabulary {shape.vocab})", markup=False, soft_wrap=True)
     gpu = _gpu()
     if gpu_memory_gib is not None:
         name, capacity = (gpu[0] if gpu else "GPU"), int(USABLE_SHARE * gpu_memory_gib * GIB)
@@ -100,7 +109,7 @@ def estimate(cfg: Config, gpu_memory_gib: float | None, console: Console) -> int
             table.add_row(label, "1", optimizer, f"{peak / GIB:.2f}", "yes" if peak <= capacity else "no")
     console.print(table)
     console.print(plan.describe(), markup=False, soft_wrap=True)
-    tokens = _data_tokens(cfg, model_dir)
+    tokens = _data_tokens(cfg, model_dir) if model_dir is not None else None
     tflops = _tflops(name)
     if tflops and plan.fits:
         rate = MODE_MFU[(plan.checkpointing, plan.offload)] * tflops * 1e12 / shape.flops_per_token(
