@@ -52,3 +52,16 @@ def test_doctor_prints_its_table_and_exits_0():
     assert result.returncode == 0, result.stderr
     for word in ("torch", "transformers", "4-bit", "Hugging Face", "ModelScope", "HF_HUB_OFFLINE"):
         assert word in result.stdout
+
+
+def test_doctor_says_which_fast_path_a_gpu_gets(monkeypatch):
+    import torch
+
+    from lowtune.doctor import fast_path_summary
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (8, 6))
+    assert fast_path_summary() == "packed rows on varlen FlashAttention; compiled layers"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (6, 1))
+    assert fast_path_summary() == ("padded rows (varlen attention needs torch 2.10+ and an Ampere or newer GPU); "
+                                   "eager layers (torch.compile needs compute capability 7.0+)")

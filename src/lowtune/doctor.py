@@ -18,7 +18,7 @@ PACKAGES = [  # (distribution, extra that installs it or "" for core)
     ("torch", ""), ("transformers", ""), ("peft", ""), ("accelerate", ""), ("safetensors", ""),
     ("huggingface_hub", ""), ("tokenizers", ""), ("bitsandbytes", "qlora"), ("liger-kernel", "kernels"),
     ("gradio", "web"), ("fastapi", "serve"), ("uvicorn", "serve"), ("modelscope", "hub"), ("pandas", "xlsx"),
-    ("openpyxl", "xlsx"), ("datasets", "datasets"), ("tensorboard", "tensorboard"), ("deepspeed", "deepspeed"),
+    ("openpyxl", "xlsx"), ("datasets", "datasets"), ("tensorboard", "tensorboard"),
 ]
 ENV_VARS = ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "HF_HOME",
             "MODELSCOPE_CACHE", "MODELSCOPE_DOMAIN", "CUDA_VISIBLE_DEVICES", "LOWTUNE_HOME"]
@@ -46,9 +46,21 @@ def device_rows() -> list[tuple[str, str]]:
             bf16 = "bf16 yes" if torch.cuda.is_bf16_supported() else "bf16 no (training uses fp16)"
             rows.append((f"cuda:{i}", f"{props.name}, {total / 2**30:.1f} GiB ({free / 2**30:.1f} free), "
                                       f"sm_{props.major}{props.minor}, {bf16}"))
+        rows.append(("fast path", fast_path_summary()))
     else:
         rows.append(("GPU", f"none: CPU only ({os.cpu_count()} cores); tiny models and the demo run here"))
     return rows
+
+
+def fast_path_summary() -> str:
+    """What `train` will use on this GPU: padding-free packed rows and compiled layers, or why not."""
+    from lowtune.kernels.attention import varlen_available
+    from lowtune.train.plan import triton_supported
+
+    rows = "packed rows on varlen FlashAttention" if varlen_available() else \
+        "padded rows (varlen attention needs torch 2.10+ and an Ampere or newer GPU)"
+    layers = "compiled layers" if triton_supported() else "eager layers (torch.compile needs compute capability 7.0+)"
+    return f"{rows}; {layers}"
 
 
 def quant_selftest() -> str:
