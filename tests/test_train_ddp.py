@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lowtune.config import load_config
@@ -74,3 +75,51 @@ def test_sharded_strategies_are_refused_rather_than_ignored(tmp_path):
     cfg = load_config(str(write_setup(tmp_path, "zero")), ["train.distributed=zero3"])
     with pytest.raises(UserError, match="train.distributed=zero3"):
         train(cfg)
+    cfg = load_config(str(write_setup(tmp_path, "qfsdp")), ["train.distributed=fsdp", "model.quantization=nf4"])
+    with pytest.raises(UserError, match="QLoRA trains on several GPUs with train.distributed=ddp"):
+        train(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, overrides", [("lora", []), ("full", ["lora.enabled=false", "train.lr=1e-4"])])
+def test_sharded_two_processes_match_one_and_resume(tmp_path, method, overrides):
+    """train.distributed=fsdp (FSDP2 over gloo): the losses of one process, weights that load with plain
+    transformers/peft, and a resume from a mid-run checkpoint that repeats the uninterrupted run's last steps."""
+    from transformers import AutoModelForCausalLM
+
+    from lowtune.models.builtin import builtin_path
+
+    train(load_config(str(write_setup(tmp_path, "single")), overrides))
+    config = write_setup(tmp_path, "fsdp")
+    command = [sys.executable, "-m", "lowtune.cli", "train", str(config), "train.batch_size=1", *overrides,
+               "train.distributed=fsdp", "train.save_every=2", "train.save_limit=2", "--nproc", "2"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sharded over 2 processes (FSDP)" in proc.stdout
+    single, sharded = metrics(tmp_path / "single"), metrics(tmp_path / "fsdp")
+    assert len(sharded[0]) == 4 and len(sharded[1]) == 3
+    assert sharded[0] == pytest.approx(single[0], rel=1e-4)
+    assert sharded[1] == pytest.approx(single[1], rel=1e-4)
+
+    base = AutoModelForCausalLM.from_pretrained(builtin_path("builtin:micro"))
+    if method == "lora":
+        from peft import PeftModel
+
+        tuned = PeftModel.from_pretrained(base, tmp_path / "fsdp" / "adapter").merge_and_unload()
+        reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(builtin_path("builtin:micro")),
+                                              tmp_path / "single" / "adapter").merge_and_unload()
+    else:
+        tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "model")
+        reference = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "model")
+    ids = torch.tensor([[5, 9, 13, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(tuned(ids).logits, reference(ids).logits, rtol=1e-3, atol=1e-4)
+        assert not torch.allclose(tuned(ids).logits, base(ids).logits if method == "full" else
+                                  AutoModelForCausalLM.from_pretrained(builtin_path("builtin:micro"))(ids).logits)
+
+    checkpoint = tmp_path / "fsdp" / "checkpoints" / "step-2"
+    proc = subprocess.run([*command, "--resume", str(checkpoint)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"resumed from {checkpoint} at step 2" in proc.stdout.replace("\n", "")
+    resumed = metrics(tmp_path / "fsdp")
+    assert resumed[0] == pytest.approx(sharded[0], rel=1e-4) and resumed[1] == pytest.approx(sharded[1], rel=1e-4)

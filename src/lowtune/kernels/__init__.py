@@ -15,12 +15,20 @@ from lowtune.kernels.loss import IGNORE_INDEX, linear_cross_entropy_sum
 LIGER_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral"}
 
 
+def _is_sharded(module: Any) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
 def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
     """(decoder stack, lm_head) of a causal LM, looking through PEFT and DDP wrappers; None when the head is
     unusual (bias, soft-capping, a custom class)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if _is_sharded(base):  # the head's weight is only gathered inside the model's own forward
+        return None
     decoder, head = getattr(base, "model", None), getattr(base, "lm_head", None)
     if decoder is None or head is None:
         return None

@@ -29,13 +29,16 @@ def is_peft(model: Any) -> bool:
     return hasattr(model, "peft_config")
 
 
-def save_trained(model: Any, folder: Path, is_main_process: bool = True) -> None:
-    """PEFT adapter files (or a full HF model folder) with safetensors.
+def save_trained(model: Any, folder: Path, is_main_process: bool = True, state_dict: dict | None = None) -> None:
+    """PEFT adapter files (or a full HF model folder) with safetensors; `state_dict` = gathered weights of a
+    sharded model (names as in named_parameters).
 
     Embedding layers are saved only when LoRA trains them; PEFT's 'auto' would otherwise look the base model up
     on the hub to compare vocabularies, which fails offline.
     """
     kwargs: dict[str, Any] = {"safe_serialization": True, "is_main_process": is_main_process}
+    if state_dict is not None:
+        kwargs["state_dict"] = state_dict
     if is_peft(model):
         kwargs["save_embedding_layers"] = any("lora_embedding" in name for name, _ in model.named_parameters())
     model.save_pretrained(str(folder), **kwargs)
@@ -91,14 +94,19 @@ def _temp_dir(run: RunFolder, step: int) -> Path:
 
 
 def save_checkpoint(accelerator: Accelerator, run: RunFolder, step: int, trainer_state: dict,
-                    keep: int) -> Path:
-    """Write checkpoints/step-N atomically and keep only the newest `keep` complete checkpoints."""
+                    keep: int, sharded_parts: tuple[Any, Any] | None = None) -> Path:
+    """Write checkpoints/step-N atomically and keep only the newest `keep` complete checkpoints.
+
+    `sharded_parts` = (model, optimizer) of a sharded run: their full states are gathered here (accelerate's
+    save_state only sees what it prepared)."""
     tmp = _temp_dir(run, step)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if sharded_parts is not None:
+        _save_sharded(*sharded_parts, tmp, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     final = run.checkpoint_dir(step)
     if accelerator.is_main_process:
@@ -143,7 +151,40 @@ def find_resume(run: RunFolder, resume: str | None) -> Path | None:
                     "folder, or 'auto'")
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> dict:
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path,
+                    sharded_parts: tuple[Any, Any] | None = None) -> dict:
     """Restore weights, optimizer, scheduler and RNG in place; return the trainer state (step, ...)."""
     accelerator.load_state(str(checkpoint))
+    if sharded_parts is not None:
+        _load_sharded(*sharded_parts, checkpoint, accelerator.is_main_process)
     return json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+
+
+def _save_sharded(model: Any, optimizer: Any, folder: Path, is_main_process: bool) -> None:
+    """Gather (every process) and write (rank 0): the trained weights as chat loads them, the same weights under
+    their parameter names for resuming, and the full optimizer state."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lowtune.train.shard import OPTIMIZER_FILE, TRAINABLE_FILE, full_optimizer_state, full_trainable_state
+
+    weights = full_trainable_state(model)
+    optimizer_state = full_optimizer_state(model, optimizer)
+    if is_main_process:
+        save_trained(model, folder / (ADAPTER_DIR if is_peft(model) else FULL_MODEL_DIR), state_dict=weights)
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / TRAINABLE_FILE))
+        torch.save(optimizer_state, folder / OPTIMIZER_FILE)
+
+
+def _load_sharded(model: Any, optimizer: Any, checkpoint: Path, is_main_process: bool) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from lowtune.train.shard import OPTIMIZER_FILE, TRAINABLE_FILE, load_full_state
+
+    if not (checkpoint / TRAINABLE_FILE).is_file():
+        raise UserError(f"{checkpoint}: not written by a train.distributed=fsdp run; resume it with the "
+                        "train.distributed it was trained with")
+    weights = load_file(str(checkpoint / TRAINABLE_FILE)) if is_main_process else {}
+    optimizer_state = torch.load(checkpoint / OPTIMIZER_FILE, weights_only=False) if is_main_process else {}
+    load_full_state(model, optimizer, weights, optimizer_state)

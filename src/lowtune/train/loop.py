@@ -37,6 +37,7 @@ from lowtune.train.observe import (TENSORBOARD_DIR, ProgressBar, Recorder, Throu
                                    peak_memory_gb, truncate_jsonl, write_samples)
 from lowtune.train.optim import build_optimizer, build_scheduler, check_optimizer
 from lowtune.train.plan import DevicePlan, check_micro_batch, plan_device
+from lowtune.train.shard import full_trainable_state, is_sharded, set_gradient_sync, shard
 from lowtune.train.outputs import export_weights, library_versions, write_run_header
 from lowtune.train.plot import plot_loss
 
@@ -89,9 +90,14 @@ def check_settings(cfg: Config) -> None:
         require("bitsandbytes", "qlora", f"model.quantization={cfg.model.quantization}")
     check_optimizer(cfg.train.optimizer)
     check_trackers(cfg.log.to)
-    if cfg.train.distributed not in ("auto", "ddp"):
+    if cfg.train.distributed in ("zero2", "zero3"):
         raise UserError(f"train.distributed={cfg.train.distributed} is not available yet: several GPUs train with "
-                        "DDP (each holds the whole model; QLoRA 7B fits one 8 GB card); use train.distributed=ddp")
+                        "ddp (each holds the whole model; QLoRA 7B fits one 8 GB card) or fsdp (weights, gradients "
+                        "and optimizer states sharded); use train.distributed=fsdp or ddp")
+    if cfg.train.distributed == "fsdp" and cfg.model.quantization != "none":
+        raise UserError(f"train.distributed=fsdp shards bf16/fp32 weights, not {cfg.model.quantization} ones: "
+                        "QLoRA trains on several GPUs with train.distributed=ddp (a 7B QLoRA fits one 8 GB card), "
+                        "or use model.quantization=none with fsdp")
 
 
 RUN_OUTPUTS = ("metrics_path", "samples_path", "loss_plot_path", "checkpoints_dir", "adapter_dir")
@@ -161,9 +167,12 @@ def train_step(model: Any, optimizer: Any, scheduler: Any, accelerator: Accelera
     # DDP averages gradients over processes, so each one scales its sum by world size / global targets
     scale = accelerator.num_processes / max(targets, 1)
     loss_sum = torch.zeros((), device=accelerator.device)
+    sharded = is_sharded(model)
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1
-        with nullcontext() if sync else accelerator.no_sync(model):
+        if sharded:
+            set_gradient_sync(model, sync)
+        with nullcontext() if sync or sharded else accelerator.no_sync(model):
             with _activation_place(plan), accelerator.autocast():
                 micro = token_loss_sum(model, _to(batch, accelerator.device))
             accelerator.backward(micro * scale)
@@ -171,6 +180,7 @@ def train_step(model: Any, optimizer: Any, scheduler: Any, accelerator: Accelera
     assert model.training, "training step in eval mode: checkpointing and dropout would be off"
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # sharded: a DTensor
     optimizer.step()
     if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped it, keep the schedule
         scheduler.step()
@@ -188,11 +198,16 @@ def evaluate(model: Any, samples: list[dict], batch_size: int, pad_id: int, acce
     local = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     stride = batch_size * accelerator.num_processes
     with torch.no_grad():
-        for start in range(accelerator.process_index * batch_size, len(samples), stride):
-            batch = make_batch(samples[start:start + batch_size], pad_id, plan)
+        # every process runs the same number of forwards (sharded layers gather collectively); a process whose
+        # share has run out repeats the first batch and does not count it
+        for start in range(0, len(samples), stride):
+            mine = samples[start + accelerator.process_index * batch_size:][:batch_size]
+            batch = make_batch(mine or samples[:batch_size], pad_id, plan)
             with accelerator.autocast():
-                local[0] += float(token_loss_sum(model, _to(batch, accelerator.device)))
-            local[1] += target_count(batch)
+                loss = float(token_loss_sum(model, _to(batch, accelerator.device)))
+            if mine:
+                local[0] += loss
+                local[1] += target_count(batch)
     model.train()
     total, count = accelerator.reduce(local, "sum").tolist()
     return total / max(count, 1)
@@ -290,9 +305,10 @@ def _dry_run(console: Console, cfg: Config, model_dir: Path, tokenizer: Any, tem
     return TrainResult(run.root, 0, trainable=trainable, total=params)
 
 
-def _restore(accelerator: Accelerator, checkpoint: Path, run: RunFolder, plan: StepPlan, console: Console) -> int:
+def _restore(accelerator: Accelerator, checkpoint: Path, run: RunFolder, plan: StepPlan, console: Console,
+             sharded_parts: tuple[Any, Any] | None = None) -> int:
     """Load a checkpoint; cut metrics/samples back to its step so the record stays continuous. Returns the step."""
-    state = load_checkpoint(accelerator, checkpoint)
+    state = load_checkpoint(accelerator, checkpoint, sharded_parts)
     step = int(state["step"])
     if accelerator.is_main_process:
         truncate_jsonl(run.metrics_path, step)
@@ -332,6 +348,10 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
     hf_logging.disable_progress_bar()  # our own bar is the one to watch
     accelerator = make_accelerator(cfg)
     main = accelerator.is_main_process
+    sharded = cfg.train.distributed == "fsdp" and accelerator.num_processes > 1
+    if sharded and accelerator.mixed_precision == "fp16":
+        raise UserError("train.distributed=fsdp needs bf16 (Ampere or newer GPUs) or fp32: fp16 loss scaling is not "
+                        "sharded; use train.distributed=ddp or model.dtype=fp32")
     device_plan = plan_device(cfg, model_dir, accelerator.device, seq_len)
     plan = StepPlan(len(data.train), device_plan.micro_batch, device_plan.grad_accum, cfg.train.seed,
                     accelerator.num_processes, accelerator.process_index)
@@ -347,19 +367,26 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
     reset_peak_memory(accelerator.device)  # the peak we report is training's, not quantisation's while loading
     trainable, params = count_parameters(model)
     host_bytes = keep_input_embeddings_on_host(model) if device_plan.offload else 0
+    if sharded:  # before the optimizer: sharding replaces the parameters
+        model = shard(model)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train,
                                 device_plan.optimizer)
     scheduler = build_scheduler(optimizer, cfg.train, total)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not sharded:  # accelerate would wrap a sharded model in DDP too; its checkpoints come from train/shard.py
+        model, optimizer = accelerator.prepare(model, optimizer)
     install_weight_hooks(accelerator)
     accelerator.register_for_checkpointing(scheduler)
-    step = _restore(accelerator, checkpoint, run, plan, console) if checkpoint is not None else 0
+    sharded_parts = (model, optimizer) if sharded else None
+    step = _restore(accelerator, checkpoint, run, plan, console, sharded_parts) if checkpoint is not None else 0
     if main:
         _say(console, data.describe())
         _say(console, _describe_plan(plan, total, cfg, trainable, params))
         _say(console, device_plan.describe())
         if host_bytes:
             _say(console, f"      input embeddings in host memory ({host_bytes / 2**20:.0f} MiB of GPU memory freed)")
+        if sharded:
+            _say(console, f"      weights, gradients and optimizer states sharded over {accelerator.num_processes} "
+                          "processes (FSDP)")
     result = TrainResult(run.root, step, trainable=trainable, total=params,
                          model=accelerator.unwrap_model(model), tokenizer=tokenizer)
     recorder = Recorder(run, cfg, console, enabled=main)
@@ -368,8 +395,9 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
              recorder, console, result, device_plan)
     finally:
         recorder.close()
+    weights = full_trainable_state(model) if sharded else None  # collective: every process gathers
     if main:
-        export_weights(accelerator.unwrap_model(model), tokenizer, template, run, cfg)
+        export_weights(accelerator.unwrap_model(model), tokenizer, template, run, cfg, weights)
         plot_loss(run.root)
         _say(console, f"done: {run.root} (continue with: lowtune chat {run.root})")
     accelerator.wait_for_everyone()
@@ -381,6 +409,7 @@ def _fit(cfg: Config, run: RunFolder, model: Any, tokenizer: Any, template: Chat
          recorder: Recorder, console: Console, result: TrainResult, device_plan: DevicePlan) -> None:
     """The step loop: eval + samples at step 0, every eval.every and at the end; checkpoints every save_every."""
     main = accelerator.is_main_process
+    sharded = is_sharded(model)
     pad_id = tokenizer.pad_token_id
     meter = Throughput(first_step=step, total_steps=total)
 
@@ -397,9 +426,10 @@ def _fit(cfg: Config, run: RunFolder, model: Any, tokenizer: Any, template: Chat
                 recorder.log({"step": at, "eval_loss": round(eval_loss, 6)})
                 if main:
                     bar.print(f"step {at}: eval loss {eval_loss:.4f}")
-            if main:
-                result.samples = write_samples(accelerator.unwrap_model(model), tokenizer, template, cfg.eval, at,
-                                               run, bar.print)
+            if main or sharded:  # sharded layers gather collectively: every process generates, rank 0 writes
+                samples = write_samples(accelerator.unwrap_model(model), tokenizer, template, cfg.eval, at, run,
+                                        bar.print, enabled=main)
+                result.samples = samples if main else result.samples
 
         if step == 0:
             observe(0)
@@ -429,7 +459,8 @@ def _fit(cfg: Config, run: RunFolder, model: Any, tokenizer: Any, template: Chat
                 observe(step)
             stopping = stop.agreed(accelerator)
             if step % cfg.train.save_every == 0 or step == total or stopping:
-                path = save_checkpoint(accelerator, run, step, trainer_state(step), cfg.train.save_limit)
+                path = save_checkpoint(accelerator, run, step, trainer_state(step), cfg.train.save_limit,
+                                       (model, optimizer) if sharded else None)
                 if main and step != total:
                     bar.print(f"saved {path}")
             if stopping:

@@ -60,8 +60,10 @@ def _save_tokenizer(tokenizer: PreTrainedTokenizerBase, template: ChatTemplate, 
 
 
 def export_weights(model: Any, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate, run: RunFolder,
-                   cfg: Config) -> Path:
-    """adapter/ (LoRA/QLoRA: PEFT files + tokenizer + template) or model/ (full fine-tuning: an HF model folder)."""
+                   cfg: Config, state_dict: dict | None = None) -> Path:
+    """adapter/ (LoRA/QLoRA: PEFT files + tokenizer + template) or model/ (full fine-tuning: an HF model folder).
+
+    `state_dict`: the trained weights gathered from a sharded model (train/shard.py); else the model's own."""
     peft = is_peft(model)
     final = run.adapter_dir if peft else run.root / FULL_MODEL_DIR
     tmp = final.with_name(f".{final.name}.tmp")
@@ -70,7 +72,7 @@ def export_weights(model: Any, tokenizer: PreTrainedTokenizerBase, template: Cha
         for config in model.peft_config.values():
             config.base_model_name_or_path = cfg.model.path  # the spec the user gave, not a cache path
     model.config.use_cache = True  # what inference wants; training turned it off
-    save_trained(model, tmp)
+    save_trained(model, tmp, state_dict=state_dict)
     model.config.use_cache = False
     _save_tokenizer(tokenizer, template, tmp)
     if not peft:

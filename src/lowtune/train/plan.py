@@ -114,7 +114,7 @@ def _gpu_plan(cfg: Config, model_dir: Path, seq_len: int, capacity: int) -> Devi
             optimizer = "adamw"
     varlen = varlen_available()
     return DevicePlan(micro_batch=micro, grad_accum=rows // micro, checkpointing=checkpointing, offload=offload,
-                      optimizer=optimizer, compile=_as_bool(t.compile, triton_supported()),
+                      optimizer=optimizer, compile=_as_bool(t.compile, triton_supported() and t.distributed != "fsdp"),
                       attention=register() if varlen else "sdpa", flat_batches=varlen, memory=memory)
 
 
