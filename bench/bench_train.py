@@ -12,7 +12,7 @@ batch 1 x accumulation 16 rows of 2048 tokens, packing):
 Exploration: b* (compile / micro-batch overrides under the cap), p (a torch.profiler step under the cap, then without
 offload and with expandable segments), q (py-spy of the host side under the cap, and the same plan uncapped), r (no
 Liger kernels inside compiled layers), g (50-step loss-curve guard against the baseline on learnable data),
-m (DDP scaling: `--nproc NPROC` against one process, same global batch; needs NPROC GPUs).
+m (scaling over NPROC GPUs against one: QLoRA with DDP, bf16 LoRA with FSDP; needs NPROC GPUs).
 The baseline runs twice: as users run it (batch 1, checkpointing on) and tuned to the micro-batch and
 checkpointing lowtune's device plan picked.
 """
@@ -264,17 +264,20 @@ def case_r(results: list) -> None:
 
 
 def case_m(results: list) -> None:
-    """Several GPUs (DDP through `lowtune train --nproc N`): the case-a QLoRA config on 1 and on N processes, each
-    process taking 16 rows per optimizer step (the global batch grows with N, as in XTuner and HF Trainer); scaling =
-    N-process tok/s over 1-process tok/s. N = NPROC (2)."""
+    """Several GPUs (`lowtune train --nproc N`): QLoRA with DDP and bf16 LoRA with FSDP, each on 1 and on N
+    processes, each process taking 16 rows per optimizer step (the global batch grows with N, as in XTuner and HF
+    Trainer); scaling = N-process tok/s over 1-process tok/s. N = NPROC (2)."""
     nproc = os.environ.get("NPROC", "2")
     data = write_text(os.path.join(WORK, "rows_many.jsonl"), [SEQ] * (16 * int(nproc) * (STEPS + 1)))
-    one = lowtune("m_1proc", data, [])
-    many = lowtune(f"m_{nproc}proc", data, ["--nproc", nproc])
-    results += [dict(case="m", **one), dict(case="m", **many)]
-    if "tok_per_s" in one and "tok_per_s" in many:
-        print(f"scaling: {nproc} processes {many['tok_per_s']:.0f} tok/s vs 1 process {one['tok_per_s']:.0f} tok/s "
-              f"= {many['tok_per_s'] / one['tok_per_s']:.2f}x", flush=True)
+    bf16 = ["model.quantization=none"]
+    for label, single, several in [("QLoRA, ddp", [], []),
+                                   ("bf16 LoRA, fsdp", bf16, [*bf16, "train.distributed=fsdp"])]:
+        one = lowtune(f"m_1proc_{len(single)}", data, single)
+        many = lowtune(f"m_{nproc}proc_{len(several)}", data, [*several, "--nproc", nproc])
+        results += [dict(case="m", **one), dict(case="m", **many)]
+        if "tok_per_s" in one and "tok_per_s" in many:
+            print(f"scaling ({label}): {nproc} processes {many['tok_per_s']:.0f} tok/s vs 1 process "
+                  f"{one['tok_per_s']:.0f} tok/s = {many['tok_per_s'] / one['tok_per_s']:.2f}x", flush=True)
 
 
 def case_g(results: list) -> None:
