@@ -277,6 +277,30 @@ def build_model(cfg: Config, model_dir: Path, accelerator: Accelerator, plan: De
     return model
 
 
+def _build_training(cfg: Config, model_dir: Path, accelerator: Accelerator, device_plan: DevicePlan, total: int,
+                    sharded: bool) -> tuple[Any, Any, Any, tuple[int, int], list[str]]:
+    """Model (placed, sharded or prepared), optimizer, schedule, (trainable, total) parameters, plan notes."""
+    model = build_model(cfg, model_dir, accelerator, device_plan)
+    reset_peak_memory(accelerator.device)  # the peak we report is training's, not quantisation's while loading
+    counts = count_parameters(model)
+    notes = []
+    host_bytes = keep_input_embeddings_on_host(model) if device_plan.offload else 0
+    if host_bytes:
+        notes.append(f"input embeddings in host memory ({host_bytes / 2**20:.0f} MiB of GPU memory freed)")
+    if sharded:  # before the optimizer: sharding replaces the parameters
+        model = shard(model)
+        notes.append(f"weights, gradients and optimizer states sharded over {accelerator.num_processes} processes "
+                     "(FSDP)")
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train,
+                                device_plan.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.train, total)
+    if not sharded:  # accelerate would wrap a sharded model in DDP too; its checkpoints come from train/shard.py
+        model, optimizer = accelerator.prepare(model, optimizer)
+    install_weight_hooks(accelerator)
+    accelerator.register_for_checkpointing(scheduler)
+    return model, optimizer, scheduler, counts, notes
+
+
 def _describe_plan(plan: StepPlan, total: int, cfg: Config, trainable: int, params: int) -> str:
     share = 100 * trainable / max(params, 1)
     method = "full fine-tuning" if not cfg.lora.enabled else \
@@ -363,30 +387,16 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
     accelerator.wait_for_everyone()
 
     set_seed(cfg.train.seed)
-    model = build_model(cfg, model_dir, accelerator, device_plan)
-    reset_peak_memory(accelerator.device)  # the peak we report is training's, not quantisation's while loading
-    trainable, params = count_parameters(model)
-    host_bytes = keep_input_embeddings_on_host(model) if device_plan.offload else 0
-    if sharded:  # before the optimizer: sharding replaces the parameters
-        model = shard(model)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train,
-                                device_plan.optimizer)
-    scheduler = build_scheduler(optimizer, cfg.train, total)
-    if not sharded:  # accelerate would wrap a sharded model in DDP too; its checkpoints come from train/shard.py
-        model, optimizer = accelerator.prepare(model, optimizer)
-    install_weight_hooks(accelerator)
-    accelerator.register_for_checkpointing(scheduler)
+    model, optimizer, scheduler, (trainable, params), notes = _build_training(cfg, model_dir, accelerator,
+                                                                              device_plan, total, sharded)
     sharded_parts = (model, optimizer) if sharded else None
     step = _restore(accelerator, checkpoint, run, plan, console, sharded_parts) if checkpoint is not None else 0
     if main:
         _say(console, data.describe())
         _say(console, _describe_plan(plan, total, cfg, trainable, params))
         _say(console, device_plan.describe())
-        if host_bytes:
-            _say(console, f"      input embeddings in host memory ({host_bytes / 2**20:.0f} MiB of GPU memory freed)")
-        if sharded:
-            _say(console, f"      weights, gradients and optimizer states sharded over {accelerator.num_processes} "
-                          "processes (FSDP)")
+        for note in notes:
+            _say(console, f"      {note}")
     result = TrainResult(run.root, step, trainable=trainable, total=params,
                          model=accelerator.unwrap_model(model), tokenizer=tokenizer)
     recorder = Recorder(run, cfg, console, enabled=main)
