@@ -13,6 +13,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lowtune.errors import UserError
+
 OPTIMIZER_FILE = "optimizer_full.pt"
 TRAINABLE_FILE = "trainable_full.safetensors"
 
@@ -23,9 +25,13 @@ def shard(model: Any) -> Any:
     from torch.distributed.fsdp import fully_shard
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(base, "model", None), "layers", None)
+    if layers is None:
+        raise UserError(f"train.distributed=fsdp: no decoder layers at model.layers in {type(base).__name__}; "
+                        "use train.distributed=ddp for this model")
     device = next(base.parameters()).device
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    for layer in base.model.layers:
+    for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(base, mesh=mesh)
     return model
