@@ -108,6 +108,19 @@ def is_adapter_dir(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file()
 
 
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """adapter_config.json of a PEFT adapter folder."""
+    try:
+        return json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{adapter_dir / ADAPTER_CONFIG} is not valid JSON ({exc.msg}); re-save the adapter") from None
+
+
+def adapter_base(adapter_dir: Path) -> str:
+    """The base model spec an adapter records (may be a hub id or a stale path; empty when absent)."""
+    return read_adapter_config(adapter_dir).get("base_model_name_or_path") or ""
+
+
 def enclosing_run(path: Path) -> RunFolder | None:
     """The run folder a weights folder sits in (run/adapter or run/checkpoints/step-N[/adapter]), if any."""
     for parent in list(path.resolve().parents)[:3]:

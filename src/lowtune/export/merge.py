@@ -23,7 +23,8 @@ from lowtune.errors import UserError
 from lowtune.export.card import card_for_run, write_card, write_modelscope_configuration
 from lowtune.models.load import load_model
 from lowtune.models.resolve import resolve_model_dir
-from lowtune.runs import ADAPTER_CONFIG, RunFolder, enclosing_run, is_adapter_dir, publish_dir, read_stop_ids
+from lowtune.runs import (ADAPTER_CONFIG, RunFolder, enclosing_run, is_adapter_dir, publish_dir,
+                          read_adapter_config, read_stop_ids)
 from lowtune.templates import FAMILY_TEMPLATES, STOP_WORDS, TEMPLATE_FILE, ChatTemplate, resolve_template
 
 if TYPE_CHECKING:
@@ -81,7 +82,7 @@ def find_source(target: str, base: str | None = None) -> MergeSource:
         raise UserError(f"{target} is neither a run folder (config.yaml) nor a PEFT adapter folder "
                         f"({ADAPTER_CONFIG}); give one of them")
     config = run.load_config() if run else None
-    adapter_cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    adapter_cfg = read_adapter_config(adapter_dir)
     if str(adapter_cfg.get("peft_type", "")).upper() not in MERGEABLE:
         raise UserError(f"{adapter_dir} holds a {adapter_cfg.get('peft_type')} adapter, which has no weights to "
                         f"merge; merge supports {', '.join(sorted(MERGEABLE))}")

@@ -28,7 +28,7 @@ from lowtune.errors import UserError, require
 from lowtune.export.card import MODELSCOPE_CONFIGURATION, CardInfo, card_for_run, hub_id_or_none, read_front_matter
 from lowtune.models.download import is_offline
 from lowtune.models.resolve import HUB_ID
-from lowtune.runs import ADAPTER_CONFIG, FULL_MODEL_DIR, RunFolder, enclosing_run
+from lowtune.runs import ADAPTER_CONFIG, FULL_MODEL_DIR, RunFolder, adapter_base, enclosing_run
 
 if TYPE_CHECKING:
     from lowtune.config import Config
@@ -59,15 +59,6 @@ class Publishable:
         return "peft" if self.kind == "adapter" else "transformers"
 
 
-def _adapter_base(folder: Path) -> str | None:
-    import json
-
-    try:
-        return json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError):
-        raise UserError(f"{folder / ADAPTER_CONFIG} is not valid JSON; re-save the adapter") from None
-
-
 def locate_publishable(target: str | Path) -> Publishable:
     """RUN, ADAPTER or MODEL folder -> the folder to publish and what is known about how it was made."""
     path = Path(target).expanduser()
@@ -85,7 +76,7 @@ def locate_publishable(target: str | Path) -> Publishable:
     if (path / ADAPTER_CONFIG).is_file():
         run = enclosing_run(path)
         config = run.load_config() if run else None
-        base = config.model.path if config else _adapter_base(path)
+        base = config.model.path if config else (adapter_base(path) or None)
         return Publishable(path, "adapter", run, config, base)
     if (path / "config.json").is_file():
         run = enclosing_run(path)

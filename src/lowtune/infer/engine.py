@@ -21,7 +21,7 @@ from lowtune.generation import Sampling, stream_answer
 from lowtune.models.builtin import is_builtin
 from lowtune.models.load import load_model, load_tokenizer
 from lowtune.models.resolve import is_hub_id, resolve_model_dir
-from lowtune.runs import ADAPTER_CONFIG, RunFolder, enclosing_run, is_adapter_dir, read_stop_ids
+from lowtune.runs import ADAPTER_CONFIG, RunFolder, adapter_base, enclosing_run, is_adapter_dir, read_stop_ids
 from lowtune.templates import FAMILY_TEMPLATES, STOP_WORDS, TEMPLATE_FILE, ChatTemplate, resolve_template
 
 if TYPE_CHECKING:
@@ -85,15 +85,6 @@ def locate_run(root: Path, adapter: str | None = None) -> Source:
                   template_name=config.model.template, stop_ids=read_stop_ids(run.generation_config_path),
                   default_system=config.eval.system or config.data.system or None, config=config,
                   tokenizer_dir=tokenizer_dir)
-
-
-def adapter_base(adapter_dir: Path) -> str:
-    """The base model spec recorded in an adapter's adapter_config.json (may be a hub id or a stale path)."""
-    try:
-        cfg = json.loads((adapter_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{adapter_dir / ADAPTER_CONFIG} is not valid JSON ({exc.msg})") from None
-    return cfg.get("base_model_name_or_path") or ""
 
 
 def locate_adapter(adapter_dir: Path, base: str | None = None) -> Source:

@@ -15,10 +15,12 @@ from lowtune.kernels.loss import IGNORE_INDEX, linear_cross_entropy_sum
 LIGER_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral"}
 
 
-def _is_sharded(module: Any) -> bool:
+def is_sharded(model: Any) -> bool:
+    """Whether the (PEFT-wrapped) model's weights are sharded by FSDP2 (train.distributed=fsdp)."""
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(module, FSDPModule)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return isinstance(base, FSDPModule)
 
 
 def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
@@ -27,7 +29,7 @@ def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if _is_sharded(base):  # the head's weight is only gathered inside the model's own forward
+    if is_sharded(base):  # the head's weight is only gathered inside the model's own forward
         return None
     decoder, head = getattr(base, "model", None), getattr(base, "lm_head", None)
     if decoder is None or head is None:

@@ -30,14 +30,14 @@ from lowtune.models.placement import keep_input_embeddings_on_host
 from lowtune.models.resolve import resolve_model_dir
 from lowtune.runs import FULL_MODEL_DIR, RunFolder
 from lowtune.templates import ChatTemplate, resolve_template, shipped
-from lowtune.kernels import causal_lm_loss_sum, compile_layers, enable_fast_path
+from lowtune.kernels import causal_lm_loss_sum, compile_layers, enable_fast_path, is_sharded
 from lowtune.train.batches import StepPlan, collate, collate_flat, target_count, token_count
 from lowtune.train.checkpoint import find_resume, install_weight_hooks, load_checkpoint, save_checkpoint
 from lowtune.train.observe import (TENSORBOARD_DIR, ProgressBar, Recorder, Throughput, check_trackers, format_eta,
                                    peak_memory_gb, truncate_jsonl, write_samples)
 from lowtune.train.optim import build_optimizer, build_scheduler, check_optimizer
 from lowtune.train.plan import DevicePlan, check_micro_batch, plan_device
-from lowtune.train.shard import full_trainable_state, is_sharded, set_gradient_sync, shard
+from lowtune.train.shard import full_trainable_state, set_gradient_sync, shard
 from lowtune.train.outputs import export_weights, library_versions, write_run_header
 from lowtune.train.plot import plot_loss
 

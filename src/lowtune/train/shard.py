@@ -37,15 +37,6 @@ def shard(model: Any) -> Any:
     return model
 
 
-def is_sharded(model: Any) -> bool:
-    if not dist.is_available() or not dist.is_initialized():
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return isinstance(base, FSDPModule)
-
-
 def set_gradient_sync(model: Any, sync: bool) -> None:
     """Skip the reduce-scatter on all but the last micro-batch of a step (gradients accumulate unsharded)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
