@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from lowtune.config import Config
 from lowtune.errors import UserError
 from lowtune.models.memory import GIB, MODE_SPEED, Shape, forecast, known_shape, plan_memory
-from lowtune.models.resolve import LOCAL_FOLDER, is_hub_id, resolve_model_dir
+from lowtune.models.resolve import LOCAL_FOLDER, is_hub_id, missing_folder_error, resolve_model_dir
 from lowtune.train.plan import USABLE_SHARE, gpu_capacity_bytes, rows_per_step
 
 if TYPE_CHECKING:
@@ -44,10 +44,11 @@ def _model(cfg: Config) -> tuple[Path | None, Shape]:
     spec = cfg.model.path
     if not Path(spec).is_dir() and (is_hub_id(spec) or spec.startswith(LOCAL_FOLDER)):
         shape = known_shape(spec)
+        if shape is None and not is_hub_id(spec):
+            raise missing_folder_error(spec)
         if shape is None:
             raise UserError(f"model.path={spec} is not downloaded yet; estimate reads its config.json: "
-                            f"lowtune download {spec if is_hub_id(spec) else 'OWNER/NAME'} -o models/NAME, "
-                            "then model.path=models/NAME")
+                            f"lowtune download {spec} -o models/NAME, then model.path=models/NAME")
         return None, shape
     model_dir = resolve_model_dir(spec, cfg.model.hub, cfg.model.revision, cfg.model.trust_remote_code)
     return model_dir, _shape(model_dir)

@@ -439,7 +439,8 @@ def _fit(cfg: Config, run: RunFolder, model: Any, tokenizer: Any, template: Chat
             if main or sharded:  # sharded layers gather collectively: every process generates, rank 0 writes
                 samples = write_samples(accelerator.unwrap_model(model), tokenizer, template, cfg.eval, at, run,
                                         bar.print, enabled=main)
-                result.samples = samples if main else result.samples
+                if main:
+                    result.samples = samples
 
         if step == 0:
             observe(0)
