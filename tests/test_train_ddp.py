@@ -118,6 +118,9 @@ def test_sharded_two_processes_match_one_and_resume(tmp_path, method, overrides)
                                   AutoModelForCausalLM.from_pretrained(builtin_path("builtin:micro"))(ids).logits)
 
     checkpoint = tmp_path / "fsdp" / "checkpoints" / "step-2"
+    weight_files = {path.name for path in checkpoint.rglob("*.safetensors")}
+    assert weight_files == ({"adapter_model.safetensors", "trainable_full.safetensors"} if method == "lora" else
+                            {"model.safetensors"})  # a full model's weights are stored once
     proc = subprocess.run([*command, "--resume", str(checkpoint)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"resumed from {checkpoint} at step 2" in proc.stdout.replace("\n", "")

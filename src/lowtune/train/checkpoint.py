@@ -161,8 +161,9 @@ def load_checkpoint(accelerator: Accelerator, checkpoint: Path,
 
 
 def _save_sharded(model: Any, optimizer: Any, folder: Path, is_main_process: bool) -> None:
-    """Gather (every process) and write (rank 0): the trained weights as chat loads them, the same weights under
-    their parameter names for resuming, and the full optimizer state."""
+    """Gather (every process) and write (rank 0): the trained weights as chat loads them, the full optimizer state,
+    and for an adapter also its weights under their parameter names (PEFT's files drop the adapter name; a full
+    model's files keep the names, so resuming reads model/ itself and its weights are stored once)."""
     import torch
     from safetensors.torch import save_file
 
@@ -172,19 +173,36 @@ def _save_sharded(model: Any, optimizer: Any, folder: Path, is_main_process: boo
     optimizer_state = full_optimizer_state(model, optimizer)
     if is_main_process:
         save_trained(model, folder / (ADAPTER_DIR if is_peft(model) else FULL_MODEL_DIR), state_dict=weights)
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / TRAINABLE_FILE))
+        if is_peft(model):
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(folder / TRAINABLE_FILE))
         torch.save(optimizer_state, folder / OPTIMIZER_FILE)
 
 
 def _load_sharded(model: Any, optimizer: Any, checkpoint: Path, is_main_process: bool) -> None:
+    """Every process checks the saved names (so a mismatch stops them all, not just rank 0); rank 0 reads the
+    tensors and the shards are filled from it."""
     import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from lowtune.train.shard import OPTIMIZER_FILE, TRAINABLE_FILE, load_full_state
 
-    if not (checkpoint / TRAINABLE_FILE).is_file():
+    if not (checkpoint / OPTIMIZER_FILE).is_file():
         raise UserError(f"{checkpoint}: not written by a train.distributed=fsdp run; resume it with the "
                         "train.distributed it was trained with")
-    weights = load_file(str(checkpoint / TRAINABLE_FILE)) if is_main_process else {}
+    files = [checkpoint / TRAINABLE_FILE] if is_peft(model) else \
+        sorted((checkpoint / FULL_MODEL_DIR).glob("*.safetensors"))
+    saved: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            saved.update(handle.keys())
+    missing = [name for name, param in model.named_parameters() if param.requires_grad and name not in saved]
+    if missing:
+        raise UserError(f"{checkpoint}: the saved weights do not match this model (missing {missing[:3]}); "
+                        "resume with the same model.path and lora settings")
+    weights: dict = {}
+    if is_main_process:
+        for file in files:
+            weights.update(load_file(str(file)))
     optimizer_state = torch.load(checkpoint / OPTIMIZER_FILE, weights_only=False) if is_main_process else {}
     load_full_state(model, optimizer, weights, optimizer_state)
