@@ -12,6 +12,7 @@ from test_engine_fixtures import SYSTEM, copy_run, identity_run, make_run  # noq
 from lowtune.errors import UserError
 from lowtune.generation import Sampling
 from lowtune.infer.engine import load_engine, locate
+from lowtune.runs import TEMPLATE_FILE, locate_folder
 
 WHO = [{"role": "user", "content": "Who are you?"}]
 SHORT = Sampling(max_new_tokens=24)
@@ -88,6 +89,40 @@ def test_adapter_folder_inside_and_outside_a_run(identity_run, micro_dir, tmp_pa
         locate(str(alone))
     engine = load_engine(str(alone), base=str(micro_dir))
     assert engine.answer(WHO, SHORT) == "I am Lowbot, a helpful assistant."
+
+
+def test_locate_folder_tells_runs_adapters_and_models_apart(micro_dir, tmp_path):
+    trained = make_run(micro_dir)
+    run = locate_folder(trained)
+    assert (run.kind, run.weights, run.run.root) == ("adapter", trained / "adapter", trained)
+    assert run.base_spec == str(micro_dir) and run.config.model.template == "chatml"
+    assert run.template_path == trained / TEMPLATE_FILE and len(run.stop_ids) == 2
+    assert run.tokenizer_dir == trained / "adapter"
+    full = copy_run(trained, tmp_path / "full")
+    shutil.rmtree(full / "adapter")
+    assert (locate_folder(full).weights, locate_folder(full).kind) == (None, "")
+    shutil.copytree(micro_dir, full / "model")
+    model_run = locate_folder(full)
+    assert (model_run.kind, model_run.weights, model_run.base_spec) == ("model", full / "model", str(micro_dir))
+    assert locate_folder(full / "model").run.root == full.resolve()  # the same facts as through the run
+    assert locate_folder(full / "model").base_spec == str(micro_dir)
+    inside = locate_folder(trained / "adapter")
+    assert inside.kind == "adapter" and inside.run.root == trained.resolve()
+    assert inside.base_spec == str(micro_dir) and inside.stop_ids == run.stop_ids
+    alone = shutil.copytree(trained / "adapter", tmp_path / "alone")
+    (alone / TEMPLATE_FILE).write_text("{{ messages }}", encoding="utf-8")
+    bare = locate_folder(alone)
+    assert (bare.kind, bare.run, bare.config, bare.stop_ids) == ("adapter", None, None, [])
+    assert bare.base_spec == json.loads((alone / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert bare.template_path == alone / TEMPLATE_FILE
+    model = locate_folder(micro_dir)
+    assert (model.kind, model.weights, model.run, model.base_spec) == ("model", micro_dir, None, None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no model") as nothing:
+        locate_folder(tmp_path / "empty")
+    assert "\n" not in str(nothing.value)
+    with pytest.raises(UserError, match="is not a folder"):
+        locate_folder(tmp_path / "missing")
 
 
 def test_plain_model_with_an_adapter_flag(micro_dir, identity_run):

@@ -1,7 +1,7 @@
 """The run folder contract (DESIGN.md): every path inside `runs/<name>/` is named here and nowhere else.
 
 Bottom layer: imports only config/errors. Training writes a run folder; chat, eval, merge, web, serve and upload
-read it and need nothing else.
+read it and need nothing else, and `locate_folder` is how each of them tells a run, adapter or model folder apart.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowtune.config import Config, build_config, parse_yaml
@@ -20,6 +20,7 @@ from lowtune.errors import UserError
 CHECKPOINT_PREFIX = "step-"
 COMPLETE_MARKER = "COMPLETE"  # written last inside a checkpoint: its absence means "never resume from here"
 ADAPTER_CONFIG = "adapter_config.json"
+TEMPLATE_FILE = "chat_template.jinja"
 FULL_MODEL_DIR = "model"
 """Run-folder subfolder holding the full HF model after full fine-tuning (LoRA runs write adapter/ instead)."""
 
@@ -34,7 +35,7 @@ class RunFolder:
 
     @property
     def chat_template_path(self) -> Path:
-        return self.root / "chat_template.jinja"
+        return self.root / TEMPLATE_FILE
 
     @property
     def generation_config_path(self) -> Path:
@@ -116,15 +117,10 @@ def read_adapter_config(adapter_dir: Path) -> dict:
         raise UserError(f"{adapter_dir / ADAPTER_CONFIG} is not valid JSON ({exc.msg}); re-save the adapter") from None
 
 
-def adapter_base(adapter_dir: Path) -> str:
-    """The base model spec an adapter records (may be a hub id or a stale path; empty when absent)."""
-    return read_adapter_config(adapter_dir).get("base_model_name_or_path") or ""
-
-
 def enclosing_run(path: Path) -> RunFolder | None:
     """The run folder a weights folder sits in (run/adapter or run/checkpoints/step-N[/adapter]), if any."""
     for parent in list(path.resolve().parents)[:3]:
-        if (parent / "config.yaml").is_file():
+        if is_run_folder(parent):
             return RunFolder(parent)
     return None
 
@@ -141,9 +137,60 @@ def read_stop_ids(generation_config: Path) -> list[int]:
     return [int(i) for i in ids if isinstance(i, int)]
 
 
-def is_run_folder(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return (path / "config.yaml").is_file() and ((path / "adapter").is_dir() or (path / "checkpoints").is_dir())
+def is_run_folder(path: Path) -> bool:
+    """config.yaml marks a run; a model folder (config.json) that also ships a config.yaml is still a model."""
+    return (path / "config.yaml").is_file() and not (path / "config.json").is_file()
+
+
+@dataclass(frozen=True)
+class Located:
+    """What a run, adapter or model folder holds, read from its files without loading any weights."""
+
+    weights: Path | None
+    """The PEFT adapter or whole-model folder; None for a run with no adapter/, model/ or complete checkpoint."""
+    kind: str
+    """'adapter', 'model', or '' when there are no weights."""
+    run: RunFolder | None = None
+    config: Config | None = None
+    base_spec: str | None = None
+    """The model the weights were trained from: the run's model.path, else what adapter_config.json records."""
+    template_path: Path | None = None
+    """The chat template trained with: the run's file, else one saved beside the weights."""
+    stop_ids: list[int] = field(default_factory=list)
+    """The run's stop ids (its generation_config.json)."""
+    tokenizer_dir: Path | None = None
+    """The weights folder when it carries its own tokenizer."""
+
+
+def locate_folder(path: Path, weights: Path | None = None) -> Located:
+    """Classify a run folder, PEFT adapter folder or model folder and gather what it holds.
+
+    A run's weights are adapter/ or model/, else the newest complete checkpoint's; `weights` replaces them.
+    An adapter or model folder inside a run (run/adapter, run/checkpoints/step-N/...) carries that run's facts.
+    """
+    if not path.is_dir():
+        raise UserError(f"{path} is not a folder; give a model folder, an adapter folder or a run folder")
+    if is_run_folder(path):
+        run = RunFolder(path)
+        return _located(weights or run.trained_weights(), run)
+    if is_adapter_dir(path) or (path / "config.json").is_file():
+        return _located(path, enclosing_run(path))
+    raise UserError(f"{path} holds no model (config.json), adapter ({ADAPTER_CONFIG}) or run (config.yaml); "
+                    "give one of them")
+
+
+def _located(weights: Path | None, run: RunFolder | None) -> Located:
+    config = run.load_config() if run else None
+    kind = "" if weights is None else "adapter" if is_adapter_dir(weights) else "model"
+    base_spec = config.model.path if config else None
+    if base_spec is None and kind == "adapter":  # may be a hub id or a path that has moved since
+        base_spec = read_adapter_config(weights).get("base_model_name_or_path") or None
+    templates = (run.chat_template_path if run else None, weights / TEMPLATE_FILE if weights else None)
+    has_tokenizer = weights is not None and (weights / "tokenizer_config.json").is_file()
+    return Located(weights=weights, kind=kind, run=run, config=config, base_spec=base_spec,
+                   template_path=next((p for p in templates if p is not None and p.is_file()), None),
+                   stop_ids=read_stop_ids(run.generation_config_path) if run else [],
+                   tokenizer_dir=weights if has_tokenizer else None)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -25,8 +25,6 @@ from lowtune.errors import UserError, did_you_mean
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-TEMPLATE_FILE = "chat_template.jinja"
-
 # Stop words of each shipped template: generation ends at any of them (plus the tokenizer's EOS).
 STOP_WORDS: dict[str, tuple[str, ...]] = {
     "default": (),

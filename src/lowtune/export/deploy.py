@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowtune.errors import UserError
-from lowtune.export.upload import Publishable, check_repo_id, locate_publishable
+from lowtune.export.upload import check_repo_id, locate_publishable
 from lowtune.models.resolve import resolve_model_dir
-from lowtune.runs import publish_dir, read_stop_ids
-from lowtune.templates import STOP_WORDS, TEMPLATE_FILE, ChatTemplate, resolve_template
+from lowtune.runs import TEMPLATE_FILE, Located, publish_dir, read_stop_ids
+from lowtune.templates import STOP_WORDS, ChatTemplate, resolve_template
 
 TARGETS = ("openxlab", "hf-space")
 FALLBACK_GRADIO = "6.0.0"
@@ -49,15 +49,15 @@ class DeployResult:
 
 # --- what the app needs from the model ----------------------------------------------------------------------------
 
-def _tokenizer_dir(pub: Publishable) -> Path:
-    if (pub.folder / "tokenizer_config.json").is_file():
-        return pub.folder
+def _tokenizer_dir(pub: Located) -> Path:
+    if pub.tokenizer_dir is not None:
+        return pub.tokenizer_dir
     if pub.base_spec:
         return resolve_model_dir(pub.base_spec)
-    raise UserError(f"{pub.folder} has no tokenizer files and no known base model; copy the tokenizer into it")
+    raise UserError(f"{pub.weights} has no tokenizer files and no known base model; copy the tokenizer into it")
 
 
-def app_template(pub: Publishable) -> tuple[ChatTemplate, list[int], str | None]:
+def app_template(pub: Located) -> tuple[ChatTemplate, list[int], str | None]:
     """The chat template, every stop id (template stop words, EOS, generation_config.json) and the system prompt."""
     from transformers import AutoTokenizer
 
@@ -65,14 +65,12 @@ def app_template(pub: Publishable) -> tuple[ChatTemplate, list[int], str | None]
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
     name = pub.config.model.template if pub.config else "auto"
     stop_words = STOP_WORDS.get(name, ())
-    candidates = [pub.run.chat_template_path if pub.run else None, pub.folder / TEMPLATE_FILE]
-    source = next((p for p in candidates if p is not None and p.is_file()), None)
-    if source is not None:
-        template = ChatTemplate(name=name, source=source.read_text(encoding="utf-8"), stop_words=stop_words)
+    if pub.template_path is not None:
+        template = ChatTemplate(name=name, source=pub.template_path.read_text(encoding="utf-8"), stop_words=stop_words)
     else:
         template = resolve_template(name, tokenizer, tok_dir, stop_words=stop_words)
     ids = template.stop_token_ids(tokenizer)
-    for path in (pub.run.generation_config_path if pub.run else None, pub.folder / "generation_config.json"):
+    for path in (pub.run.generation_config_path if pub.run else None, pub.weights / "generation_config.json"):
         ids += [i for i in (read_stop_ids(path) if path else []) if i not in ids]
     system = (pub.config.eval.system or pub.config.data.system or None) if pub.config else None
     return template, ids, system
@@ -90,13 +88,13 @@ def requirements(target: str, adapter: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def readme(title: str, target: str, model_id: str, repo: str | None, pub: Publishable, stop_ids: list[int]) -> str:
+def readme(title: str, target: str, model_id: str, repo: str | None, pub: Located, stop_ids: list[int]) -> str:
     front = "\n".join(["---", f"title: {title}", "emoji: 💬", "colorFrom: indigo", "colorTo: blue", "sdk: gradio",
                        f"sdk_version: {gradio_version()}", "app_file: app.py", "pinned: false", "---", ""])
     kind = "LoRA adapter" if pub.kind == "adapter" else "model"
     point = repo or "OWNER/NAME"
     lines = [front, f"# {title}", "",
-             f"A Gradio chat app for the {kind} `{pub.folder.name}`, made by `lowtune deploy`. It needs only the "
+             f"A Gradio chat app for the {kind} `{pub.weights.name}`, made by `lowtune deploy`. It needs only the "
              "packages in `requirements.txt` (no lowtune).", "",
              "## Run it here", "", "```bash", "pip install -r requirements.txt gradio", "python app.py",
              "```", "", f"It loads `{model_id}` (the `MODEL_ID` constant in `app.py`); set `MODEL_ID=...` to "
@@ -104,15 +102,15 @@ def readme(title: str, target: str, model_id: str, repo: str | None, pub: Publis
              "`GRADIO_SERVER_NAME` (default 127.0.0.1:7860).", "",
              "## Point it at the uploaded model", ""]
     if target == "hf-space":
-        lines += ["```bash", f"lowtune upload {pub.folder} --to hf --repo {point}",
-                  f"lowtune deploy {pub.folder} --target hf-space --repo {point} -o app/",
+        lines += ["```bash", f"lowtune upload {pub.weights} --to hf --repo {point}",
+                  f"lowtune deploy {pub.weights} --target hf-space --repo {point} -o app/",
                   "```", "",
                   "Create a Gradio Space, then push this folder to it (`hf upload OWNER/SPACE . --repo-type space`"
                   " or git). The Space downloads the model from the Hub at start; for a private model, add an "
                   "`HF_TOKEN` secret in the Space settings.", ""]
     else:
-        lines += ["```bash", f"lowtune upload {pub.folder} --to openxlab --repo {point}   # prints the steps",
-                  f"lowtune deploy {pub.folder} --target openxlab --repo {point} -o app/",
+        lines += ["```bash", f"lowtune upload {pub.weights} --to openxlab --repo {point}   # prints the steps",
+                  f"lowtune deploy {pub.weights} --target openxlab --repo {point} -o app/",
                   "```", "",
                   "Put this folder in a GitHub repository, then on openxlab.org.cn create an app: Gradio, that "
                   "repository, hardware by model size (7B in fp16: 8 vCPU / 32 GB / A10 24 GB). At start the app "
@@ -134,13 +132,13 @@ def app_source(model_id: str, target: str, stop_ids: list[int], system: str | No
     return APP_PY.replace("# __CONSTANTS__\n", constants)
 
 
-def app_title(pub: Publishable, repo: str | None) -> str:
+def app_title(pub: Located, repo: str | None) -> str:
     """The repo's name, else the run's name for a run's adapter or model, else the folder's name."""
     if repo:
         return repo.split("/")[-1]
-    if pub.run and pub.folder.parent.resolve() == pub.run.root.resolve():
+    if pub.run and pub.weights.parent.resolve() == pub.run.root.resolve():
         return pub.run.root.resolve().name
-    return pub.folder.resolve().name
+    return pub.weights.resolve().name
 
 
 def deploy(target_dir: str | Path, target: str, out_dir: str | Path, repo: str | None = None,
@@ -152,7 +150,7 @@ def deploy(target_dir: str | Path, target: str, out_dir: str | Path, repo: str |
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UserError(f"{out} already exists and is not empty; choose another -o or add --force")
     pub = locate_publishable(target_dir)
-    model_id = check_repo_id(repo) if repo else str(pub.folder.resolve())
+    model_id = check_repo_id(repo) if repo else str(pub.weights.resolve())
     template, stop_ids, system = app_template(pub)
     title = app_title(pub, repo)
     files = {"app.py": app_source(model_id, target, stop_ids, system, title),

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,30 +23,17 @@ from lowtune.errors import UserError
 from lowtune.export.card import card_for_run, write_card, write_modelscope_configuration
 from lowtune.models.load import load_model
 from lowtune.models.resolve import resolve_model_dir
-from lowtune.runs import (ADAPTER_CONFIG, RunFolder, enclosing_run, is_adapter_dir, publish_dir,
+from lowtune.runs import (ADAPTER_CONFIG, Located, is_adapter_dir, is_run_folder, locate_folder, publish_dir,
                           read_adapter_config, read_stop_ids)
-from lowtune.templates import FAMILY_TEMPLATES, STOP_WORDS, TEMPLATE_FILE, ChatTemplate, resolve_template
+from lowtune.templates import FAMILY_TEMPLATES, STOP_WORDS, ChatTemplate, resolve_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
-    from lowtune.config import Config
 
 MERGEABLE = {"LORA", "ADALORA", "LOHA", "LOKR", "IA3"}
 DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 SHARD_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|KIB|MIB|GIB)$", re.I)
 LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "USE_POLICY.md")
-
-
-@dataclass
-class MergeSource:
-    """The adapter to merge and everything known about how it was trained."""
-
-    adapter_dir: Path
-    base_spec: str
-    config: Config | None = None
-    template_path: Path | None = None
-    stop_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -60,51 +47,36 @@ class MergeResult:
 
 # --- what to merge ------------------------------------------------------------------------------------------------
 
-def _run_adapter(run: RunFolder) -> Path:
-    weights = run.trained_weights()
-    if weights is not None and is_adapter_dir(weights):
-        return weights
-    if weights is not None:
-        raise UserError(f"{run.root} is a full fine-tune: {weights} is already a complete model "
-                        "(nothing to merge); use that folder directly")
-    raise UserError(f"{run.root} has no adapter yet (no adapter/ and no complete checkpoint); train it first")
-
-
-def find_source(target: str, base: str | None = None) -> MergeSource:
-    """RUN or ADAPTER -> the adapter folder, the base model spec, and the run's config/template/stop ids."""
+def find_source(target: str, base: str | None = None) -> Located:
+    """RUN or ADAPTER -> the adapter folder, its base model spec (`base` wins), the run's config/template/stop ids."""
     path = Path(target).expanduser()
-    if (path / "config.yaml").is_file():
-        run: RunFolder | None = RunFolder(path)
-        adapter_dir = _run_adapter(run)
-    elif (path / ADAPTER_CONFIG).is_file():
-        run, adapter_dir = enclosing_run(path), path
-    else:
+    if not (is_run_folder(path) or is_adapter_dir(path)):
         raise UserError(f"{target} is neither a run folder (config.yaml) nor a PEFT adapter folder "
                         f"({ADAPTER_CONFIG}); give one of them")
-    config = run.load_config() if run else None
-    adapter_cfg = read_adapter_config(adapter_dir)
+    found = locate_folder(path)
+    if found.weights is None:
+        raise UserError(f"{path} has no adapter yet (no adapter/ and no complete checkpoint); train it first")
+    if found.kind == "model":
+        raise UserError(f"{path} is a full fine-tune: {found.weights} is already a complete model "
+                        "(nothing to merge); use that folder directly")
+    adapter_cfg = read_adapter_config(found.weights)
     if str(adapter_cfg.get("peft_type", "")).upper() not in MERGEABLE:
-        raise UserError(f"{adapter_dir} holds a {adapter_cfg.get('peft_type')} adapter, which has no weights to "
+        raise UserError(f"{found.weights} holds a {adapter_cfg.get('peft_type')} adapter, which has no weights to "
                         f"merge; merge supports {', '.join(sorted(MERGEABLE))}")
-    spec = base or (config.model.path if config else None) or adapter_cfg.get("base_model_name_or_path") or ""
-    template_path = next((p for p in (run.chat_template_path if run else None, adapter_dir / TEMPLATE_FILE)
-                          if p is not None and p.is_file()), None)
-    stop_ids = read_stop_ids(run.generation_config_path) if run else []
-    return MergeSource(adapter_dir=adapter_dir, base_spec=spec, config=config, template_path=template_path,
-                       stop_ids=stop_ids)
+    return replace(found, base_spec=base or found.base_spec or "")
 
 
-def resolve_base(source: MergeSource) -> Path:
+def resolve_base(source: Located) -> Path:
     """The local base folder; a missing one is a user error that names --base."""
     if not source.base_spec:
-        raise UserError(f"adapter {source.adapter_dir} does not name its base model; give --base PATH")
+        raise UserError(f"adapter {source.weights} does not name its base model; give --base PATH")
     hub = source.config.model.hub if source.config else "auto"
     revision = source.config.model.revision if source.config else None
     try:
         base_dir = resolve_model_dir(source.base_spec, hub=hub, revision=revision,
                                      trust_remote_code=bool(source.config and source.config.model.trust_remote_code))
     except UserError as exc:
-        raise UserError(f"the base model '{source.base_spec}' of {source.adapter_dir} was not found ({exc}); "
+        raise UserError(f"the base model '{source.base_spec}' of {source.weights} was not found ({exc}); "
                         "give --base PATH") from None
     config = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     if config.get("quantization_config"):
@@ -132,7 +104,7 @@ def check_shard_size(size: str) -> str:
     return size.strip().upper()
 
 
-def merge_template(source: MergeSource, tokenizer: PreTrainedTokenizerBase, base_dir: Path) -> ChatTemplate:
+def merge_template(source: Located, tokenizer: PreTrainedTokenizerBase, base_dir: Path) -> ChatTemplate:
     """The template the adapter was trained with: the run's file, else the adapter's, else the config/auto one."""
     name = source.config.model.template if source.config else "auto"
     family = FAMILY_TEMPLATES.get(json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
@@ -150,7 +122,7 @@ def all_stop_ids(template: ChatTemplate, tokenizer: PreTrainedTokenizerBase, *so
     return ids
 
 
-def merged_model(source: MergeSource, base_dir: Path, dtype: str) -> Any:
+def merged_model(source: Located, base_dir: Path, dtype: str) -> Any:
     """Base in `dtype` on CPU + adapter, merged and unwrapped into a plain transformers model."""
     from peft import PeftModel
     from transformers.utils import logging as hf_logging
@@ -161,19 +133,19 @@ def merged_model(source: MergeSource, base_dir: Path, dtype: str) -> Any:
     try:
         with warnings.catch_warnings():  # peft still asks transformers for a renamed attribute
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            model = PeftModel.from_pretrained(base, str(source.adapter_dir))
+            model = PeftModel.from_pretrained(base, str(source.weights))
     except (ValueError, RuntimeError, KeyError) as exc:
-        raise UserError(f"adapter {source.adapter_dir} does not fit base {base_dir} "
+        raise UserError(f"adapter {source.weights} does not fit base {base_dir} "
                         f"({str(exc).splitlines()[0]}); give the base it was trained on with --base PATH") from None
     merged = model.merge_and_unload()
     merged.config.use_cache = True  # training turns it off; generation wants it
     return merged.eval()
 
 
-def _save_tokenizer(source: MergeSource, base_dir: Path, out: Path) -> tuple[Any, ChatTemplate]:
+def _save_tokenizer(source: Located, base_dir: Path, out: Path) -> tuple[Any, ChatTemplate]:
     from transformers import AutoTokenizer
 
-    folder = source.adapter_dir if (source.adapter_dir / "tokenizer_config.json").is_file() else base_dir
+    folder = source.tokenizer_dir or base_dir
     trust = bool(source.config and source.config.model.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust)
     template = merge_template(source, tokenizer, base_dir)
@@ -193,7 +165,7 @@ def _copy_base_extras(base_dir: Path, out: Path) -> None:
                 shutil.copy2(module, out / module.name)
 
 
-def write_merged(source: MergeSource, base_dir: Path, tmp: Path, dtype: str, max_shard_size: str) -> list[int]:
+def write_merged(source: Located, base_dir: Path, tmp: Path, dtype: str, max_shard_size: str) -> list[int]:
     model = merged_model(source, base_dir, dtype)
     tokenizer, template = _save_tokenizer(source, base_dir, tmp)
     stop_ids = all_stop_ids(template, tokenizer, source.stop_ids, read_stop_ids(base_dir / "generation_config.json"))
@@ -204,7 +176,7 @@ def write_merged(source: MergeSource, base_dir: Path, tmp: Path, dtype: str, max
     model.save_pretrained(tmp, max_shard_size=max_shard_size)
     del model
     _copy_base_extras(base_dir, tmp)
-    title = source.config.output.dir if source.config and source.config.output.dir else source.adapter_dir.name
+    title = source.config.output.dir if source.config and source.config.output.dir else source.weights.name
     write_card(tmp, card_for_run(Path(title).name, source.config, base_dir, stop_ids=stop_ids,
                                  base_spec=source.base_spec))
     write_modelscope_configuration(tmp)

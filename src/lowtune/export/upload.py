@@ -20,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
@@ -28,10 +28,7 @@ from lowtune.errors import UserError, require
 from lowtune.export.card import MODELSCOPE_CONFIGURATION, CardInfo, card_for_run, hub_id_or_none, read_front_matter
 from lowtune.models.download import is_offline
 from lowtune.models.resolve import HUB_ID
-from lowtune.runs import ADAPTER_CONFIG, FULL_MODEL_DIR, RunFolder, adapter_base, enclosing_run
-
-if TYPE_CHECKING:
-    from lowtune.config import Config
+from lowtune.runs import FULL_MODEL_DIR, Located, is_run_folder, locate_folder
 
 TARGETS = ("hf", "modelscope", "openxlab")
 IGNORED = (".git", ".git/*", ".cache/*", ".cache", "__pycache__/*", "*.pyc", ".ms_upload_cache/*", ".DS_Store",
@@ -44,45 +41,15 @@ FRONT_MATTER = re.compile(r"^---\s*\n(.*?)\n---\s*(?:\n|$)", re.S)
 
 # --- what is being published --------------------------------------------------------------------------------------
 
-@dataclass
-class Publishable:
-    """A folder ready to publish: a full model (`kind='model'`) or a PEFT adapter (`kind='adapter'`)."""
-
-    folder: Path
-    kind: str
-    run: RunFolder | None = None
-    config: Config | None = None
-    base_spec: str | None = None
-
-    @property
-    def library_name(self) -> str:
-        return "peft" if self.kind == "adapter" else "transformers"
-
-
-def locate_publishable(target: str | Path) -> Publishable:
+def locate_publishable(target: str | Path) -> Located:
     """RUN, ADAPTER or MODEL folder -> the folder to publish and what is known about how it was made."""
     path = Path(target).expanduser()
-    if not path.is_dir():
-        raise UserError(f"{path} is not a folder; give a model folder, an adapter folder or a run folder")
-    if (path / "config.yaml").is_file() and not (path / "config.json").is_file():
-        run = RunFolder(path)
-        config = run.load_config()
-        if (run.adapter_dir / ADAPTER_CONFIG).is_file():
-            return Publishable(run.adapter_dir, "adapter", run, config, config.model.path)
-        if (path / FULL_MODEL_DIR / "config.json").is_file():
-            return Publishable(path / FULL_MODEL_DIR, "model", run, config, config.model.path)
+    found = locate_folder(path)
+    # chat falls back to a run's newest checkpoint; publishing takes only what training finished
+    if is_run_folder(path) and found.weights not in (found.run.adapter_dir, found.run.full_model_dir):
         raise UserError(f"{path} has no adapter/ or {FULL_MODEL_DIR}/ yet; train it first (or give the folder to "
                         "publish)")
-    if (path / ADAPTER_CONFIG).is_file():
-        run = enclosing_run(path)
-        config = run.load_config() if run else None
-        base = config.model.path if config else (adapter_base(path) or None)
-        return Publishable(path, "adapter", run, config, base)
-    if (path / "config.json").is_file():
-        run = enclosing_run(path)
-        return Publishable(path, "model", run, run.load_config() if run else None)
-    raise UserError(f"{path} holds no model (config.json), adapter ({ADAPTER_CONFIG}) or run (config.yaml); "
-                    "give one of them")
+    return found
 
 
 def check_repo_id(repo: str) -> str:
@@ -103,16 +70,17 @@ class CardPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def plan_card(pub: Publishable, repo: str) -> CardPlan:
-    readme = pub.folder / "README.md"
+def plan_card(pub: Located, repo: str) -> CardPlan:
+    readme = pub.weights / "README.md"
+    library = "peft" if pub.kind == "adapter" else "transformers"
     base_hub = hub_id_or_none(pub.base_spec) if pub.base_spec else None
     if not readme.is_file():
-        info = card_for_run(repo.split("/")[-1], pub.config, None, library_name=pub.library_name,
+        info = card_for_run(repo.split("/")[-1], pub.config, None, library_name=library,
                             base_spec=pub.base_spec) if pub.config else \
-            CardInfo(title=repo.split("/")[-1], base_model=base_hub, library_name=pub.library_name)
+            CardInfo(title=repo.split("/")[-1], base_model=base_hub, library_name=library)
         return CardPlan("write", info.render(), ["no model card: writing one"])
     text = readme.read_text(encoding="utf-8", errors="replace")
-    fixed, notes = complete_front_matter(front_matter_of(readme, text), pub.library_name, base_hub)
+    fixed, notes = complete_front_matter(front_matter_of(readme, text), library, base_hub)
     if not notes:
         return CardPlan("keep", text)
     head = yaml.safe_dump(fixed, sort_keys=False, allow_unicode=True, width=1000)
@@ -163,7 +131,7 @@ def complete_front_matter(meta: dict, library_name: str, base_hub: str | None) -
 
 @dataclass
 class UploadPlan:
-    pub: Publishable
+    pub: Located
     to: str
     repo: str
     private: bool
@@ -210,11 +178,11 @@ def make_plan(target: str | Path, to: str, repo: str, private: bool = False) -> 
     repo = check_repo_id(repo)
     card = plan_card(pub, repo)
     extra: dict[str, str] = {}
-    if to == "modelscope" and not (pub.folder / "configuration.json").is_file():
+    if to == "modelscope" and not (pub.weights / "configuration.json").is_file():
         import json
 
         extra["configuration.json"] = json.dumps(MODELSCOPE_CONFIGURATION, indent=2) + "\n"
-    sizes = dict(folder_files(pub.folder))
+    sizes = dict(folder_files(pub.weights))
     if card.action != "keep":
         sizes["README.md"] = len(card.text.encode())
     for name, text in extra.items():
@@ -238,7 +206,7 @@ def describe(plan: UploadPlan, dry_run: bool) -> str:
     """The plan as text: the repo, endpoint, visibility, the card, and every file with its size."""
     verb = "would upload" if dry_run else "uploading"
     where = {"hf": "Hugging Face", "modelscope": "ModelScope", "openxlab": "OpenXLab"}[plan.to]
-    lines = [f"{verb} {plan.pub.kind} {plan.pub.folder} -> {where} {plan.repo} "
+    lines = [f"{verb} {plan.pub.kind} {plan.pub.weights} -> {where} {plan.repo} "
              f"({'private' if plan.private else 'public'}) at {plan.endpoint}"]
     prefix = "would " if dry_run else ""
     card_line = {"write": f"  card: {prefix}write README.md (model card with hub front matter)",
@@ -257,9 +225,9 @@ def describe(plan: UploadPlan, dry_run: bool) -> str:
 def write_generated(plan: UploadPlan) -> None:
     """Write the card and the hub-specific files into the folder (the upload sends the folder as it is)."""
     if plan.card.action != "keep":
-        (plan.pub.folder / "README.md").write_text(plan.card.text, encoding="utf-8")
+        (plan.pub.weights / "README.md").write_text(plan.card.text, encoding="utf-8")
     for name, text in plan.extra_files.items():
-        (plan.pub.folder / name).write_text(text, encoding="utf-8")
+        (plan.pub.weights / name).write_text(text, encoding="utf-8")
 
 
 # --- Hugging Face -------------------------------------------------------------------------------------------------
@@ -276,7 +244,7 @@ def upload_hf(plan: UploadPlan, token: str | None) -> str:
     api = hub.HfApi(endpoint=plan.endpoint, token=token)
     try:
         url = api.create_repo(plan.repo, private=plan.private, exist_ok=True, repo_type="model")
-        info = api.upload_folder(repo_id=plan.repo, folder_path=str(plan.pub.folder), repo_type="model",
+        info = api.upload_folder(repo_id=plan.repo, folder_path=str(plan.pub.weights), repo_type="model",
                                  commit_message=f"Upload {plan.pub.kind} with lowtune",
                                  ignore_patterns=list(IGNORED) + [".*"])
     except HfHubHTTPError as exc:
@@ -305,7 +273,7 @@ def upload_modelscope(plan: UploadPlan, token: str | None) -> str:
     try:
         if not api.repo_exists(plan.repo):
             api.create_model(plan.repo, visibility=1 if plan.private else 5, license=_ms_license(plan))
-        api.upload_folder(repo_id=plan.repo, folder_path=str(plan.pub.folder),
+        api.upload_folder(repo_id=plan.repo, folder_path=str(plan.pub.weights),
                           commit_message=f"Upload {plan.pub.kind} with lowtune",
                           ignore_patterns=list(IGNORED) + [".*"])
     except Exception as exc:  # the client raises many types; all end here as one line without the token
@@ -328,16 +296,16 @@ def _status_of(exc: BaseException) -> int | None:
 
 
 def _ms_license(plan: UploadPlan) -> str:
-    license_name = str(read_front_matter(plan.pub.folder / "README.md").get("license") or "")
+    license_name = str(read_front_matter(plan.pub.weights / "README.md").get("license") or "")
     return {"apache-2.0": "Apache License 2.0", "mit": "MIT"}.get(license_name.lower(), "Apache License 2.0")
 
 
 # --- OpenXLab -----------------------------------------------------------------------------------------------------
 
-def openxlab_metafile(repo: str, files: list[str], pub: Publishable) -> str:
+def openxlab_metafile(repo: str, files: list[str], pub: Located) -> str:
     """The metafile.yml that `openxlab model create -s` reads: one Models entry per file, weights by path."""
     license_name = "Apache-2.0"
-    meta = read_front_matter(pub.folder / "README.md")
+    meta = read_front_matter(pub.weights / "README.md")
     if str(meta.get("license") or "").lower() == "mit":
         license_name = "MIT"
     document: dict[str, Any] = {
@@ -353,7 +321,7 @@ def openxlab_metafile(repo: str, files: list[str], pub: Publishable) -> str:
 
 def openxlab_steps(plan: UploadPlan) -> str:
     """The exact commands that publish the folder with OpenXLab's own CLI, from a separate environment."""
-    folder = plan.pub.folder.resolve()
+    folder = plan.pub.weights.resolve()
     private = " --private True" if plan.private else ""
     return "\n".join([
         "OpenXLab's `openxlab` package pins old requests/rich/setuptools, so lowtune does not install it here.",

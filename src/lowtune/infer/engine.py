@@ -21,8 +21,9 @@ from lowtune.generation import Sampling, stream_answer
 from lowtune.models.builtin import is_builtin
 from lowtune.models.load import load_model, load_tokenizer
 from lowtune.models.resolve import is_hub_id, resolve_model_dir
-from lowtune.runs import ADAPTER_CONFIG, RunFolder, adapter_base, enclosing_run, is_adapter_dir, read_stop_ids
-from lowtune.templates import FAMILY_TEMPLATES, STOP_WORDS, TEMPLATE_FILE, ChatTemplate, resolve_template
+from lowtune.runs import (ADAPTER_CONFIG, TEMPLATE_FILE, Located, is_adapter_dir, is_run_folder, locate_folder,
+                          read_stop_ids)
+from lowtune.templates import FAMILY_TEMPLATES, STOP_WORDS, ChatTemplate, resolve_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -63,64 +64,46 @@ class Source:
         return bool(self.config and self.config.model.trust_remote_code)
 
 
-def run_weights(run: RunFolder) -> Path:
-    """The folder holding a run's trained weights: adapter/ (or a full model there), else the newest checkpoint."""
-    weights = run.trained_weights()
-    if weights is None:
-        raise UserError(f"{run.root} has no trained weights yet (no adapter/ and no complete checkpoint); "
+def _chat_source(found: Located) -> Source:
+    """A run or adapter folder as chat loads it: a full fine-tune is the model itself, an adapter goes on its base."""
+    config, is_adapter = found.config, found.kind == "adapter"
+    return Source(name=found.run.root.name if found.run else found.weights.name,
+                  base_spec=(found.base_spec or "") if is_adapter else str(found.weights),
+                  adapter_dir=found.weights if is_adapter else None, template_path=found.template_path,
+                  template_name=config.model.template if config else "auto", stop_ids=found.stop_ids,
+                  default_system=(config.eval.system or config.data.system or None) if config else None,
+                  config=config, tokenizer_dir=found.tokenizer_dir)
+
+
+def _trained(path: Path, adapter: str | None, base: str | None) -> Located:
+    """A run's or adapter's weights; a run with none, or a lone adapter whose base is gone, is refused."""
+    found = locate_folder(path, Path(adapter) if adapter else None)
+    if found.weights is None:
+        raise UserError(f"{path} has no trained weights yet (no adapter/ and no complete checkpoint); "
                         f"train it first or pass --adapter PATH")
-    return weights
-
-
-def locate_run(root: Path, adapter: str | None = None) -> Source:
-    run = RunFolder(root)
-    config = run.load_config()
-    weights = Path(adapter) if adapter else run_weights(run)
-    base_spec, adapter_dir = config.model.path, weights
-    if not is_adapter_dir(weights):  # a full fine-tune: the weights are a whole model
-        base_spec, adapter_dir = str(weights), None
-    template_path = run.chat_template_path if run.chat_template_path.is_file() else None
-    tokenizer_dir = weights if (weights / "tokenizer_config.json").is_file() else None
-    return Source(name=root.name, base_spec=base_spec, adapter_dir=adapter_dir, template_path=template_path,
-                  template_name=config.model.template, stop_ids=read_stop_ids(run.generation_config_path),
-                  default_system=config.eval.system or config.data.system or None, config=config,
-                  tokenizer_dir=tokenizer_dir)
-
-
-def locate_adapter(adapter_dir: Path, base: str | None = None) -> Source:
-    """An adapter folder: its base comes from `base`, the run folder around it, or adapter_config.json."""
-    run = enclosing_run(adapter_dir)
-    if run is not None:
-        source = locate_run(run.root, adapter=str(adapter_dir))
-        source.base_spec = base or source.base_spec
-        return source
-    spec = base or adapter_base(adapter_dir)
-    if not spec or not (is_builtin(spec) or Path(spec).is_dir() or is_hub_id(spec)):
-        raise UserError(f"the base model of adapter {adapter_dir} was not found "
-                        f"(adapter_config.json names '{spec}'); give --base PATH")
-    tokenizer_dir = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else None
-    template_path = adapter_dir / TEMPLATE_FILE if (adapter_dir / TEMPLATE_FILE).is_file() else None
-    return Source(name=adapter_dir.name, base_spec=spec, adapter_dir=adapter_dir, template_path=template_path,
-                  tokenizer_dir=tokenizer_dir)
+    spec = base or found.base_spec
+    if found.run is None and (not spec or not (is_builtin(spec) or Path(spec).is_dir() or is_hub_id(spec))):
+        raise UserError(f"the base model of adapter {path} was not found "
+                        f"(adapter_config.json names '{spec or ''}'); give --base PATH")
+    return found
 
 
 def locate(target: str, adapter: str | None = None, base: str | None = None) -> Source:
     """Classify TARGET (run folder, adapter folder, model folder, hub id, builtin) without loading weights.
 
-    `base` replaces the base model of a run or adapter (e.g. when the path recorded at training time moved).
+    `adapter` replaces a run's weights or goes on a model; `base` replaces the base model of a run or adapter
+    (e.g. when the path recorded at training time moved).
     """
     path = Path(target).expanduser()
     if adapter and not is_adapter_dir(Path(adapter)):
         raise UserError(f"--adapter {adapter}: no {ADAPTER_CONFIG} there; give a PEFT adapter folder")
-    if not is_builtin(target) and path.is_dir() and (path / "config.yaml").is_file():
-        source = locate_run(path, adapter)
-    elif not is_builtin(target) and path.is_dir() and is_adapter_dir(path):
-        if adapter:
-            raise UserError(f"{path} is already an adapter; pass the base model as MODEL and this as --adapter")
-        return locate_adapter(path, base)
-    else:
+    if is_builtin(target) or not (is_run_folder(path) or is_adapter_dir(path)):
         source = Source(name=path.name if path.is_dir() else target, base_spec=target,
                         adapter_dir=Path(adapter) if adapter else None)
+    elif adapter and not is_run_folder(path):
+        raise UserError(f"{path} is already an adapter; pass the base model as MODEL and this as --adapter")
+    else:
+        source = _chat_source(_trained(path, adapter, base))
     if base:
         if source.adapter_dir is None:
             raise UserError(f"--base applies to an adapter, and {target} has none; give the model as MODEL instead")

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowtune.config import Config, dump_config
-from lowtune.runs import FULL_MODEL_DIR, RunFolder, atomic_write_text, publish_dir
-from lowtune.templates import TEMPLATE_FILE, ChatTemplate
+from lowtune.runs import FULL_MODEL_DIR, TEMPLATE_FILE, RunFolder, atomic_write_text, publish_dir
+from lowtune.templates import ChatTemplate
 from lowtune.train.checkpoint import is_peft, save_trained
 
 if TYPE_CHECKING:
