@@ -11,7 +11,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d .whl \
   bitsandbytes==0.50.2 liger-kernel==0.8.5 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
-  typing-inspection==0.4.5 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pyyaml==6.0.4 py-spy==0.4.3
+  typing-inspection==0.4.5 pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pyyaml==6.0.4 py-spy==0.4.3 \
+  sentencepiece==0.2.3 protobuf==7.36.2
 for wheel in .whl/*.whl; do
   case "$wheel" in
     *py_spy*) (cd .whl && unzip -q -o -j "$(basename "$wheel")" '*/scripts/py-spy' -d bin) ;;

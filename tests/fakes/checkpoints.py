@@ -78,8 +78,10 @@ def save_safetensors_shards(folder: Path, tensors: dict, shards: int) -> None:
 
 def make_internlm_v1_checkpoint(folder: Path, bias: bool = True, hidden: int = 32, layers: int = 2, heads: int = 4,
                                 intermediate: int = 64, max_positions: int = 64, rotary: dict | None = None,
-                                seed: int = 0, shards: int = 2, inv_freq_buffers: bool = True) -> Path:
-    """internlm-chat-7b (bias=True) / internlm-chat-20b (bias=False) layout with a 103168-piece tokenizer."""
+                                seed: int = 0, shards: int = 2, inv_freq_buffers: bool = True,
+                                dtype: str = "float32") -> Path:
+    """internlm-chat-7b (bias=True) / internlm-chat-20b (bias=False) layout with a 103168-piece tokenizer;
+    `dtype` = the weights' torch dtype name (float16 for a full-size 7B, as the release ships)."""
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -102,7 +104,7 @@ def make_internlm_v1_checkpoint(folder: Path, bias: bool = True, hidden: int = 3
         t[f"{p}post_attention_layernorm.weight"] = _norm(gen, hidden)
     t["model.norm.weight"] = _norm(gen, hidden)
     t["lm_head.weight"] = _randn(gen, INTERNLM_VOCAB, hidden)
-    save_bin_shards(folder, t, shards)
+    save_bin_shards(folder, {name: tensor.to(getattr(torch, dtype)) for name, tensor in t.items()}, shards)
     _write_json(folder / "config.json", {
         "architectures": ["InternLMForCausalLM"],
         "auto_map": {"AutoConfig": "configuration_internlm.InternLMConfig",
@@ -112,7 +114,7 @@ def make_internlm_v1_checkpoint(folder: Path, bias: bool = True, hidden: int = 3
         "initializer_range": 0.02, "intermediate_size": intermediate, "max_position_embeddings": max_positions,
         "model_type": "internlm", "num_attention_heads": heads, "num_hidden_layers": layers, "pad_token_id": 0,
         "rms_norm_eps": 1e-06, "rotary": rotary or {"base": 10000, "type": "dynamic"},
-        "tie_word_embeddings": False, "torch_dtype": "float32", "transformers_version": "4.33.2",
+        "tie_word_embeddings": False, "torch_dtype": dtype, "transformers_version": "4.33.2",
         "use_cache": True, "vocab_size": INTERNLM_VOCAB})
     _write_json(folder / "generation_config.json", {"_from_model_config": True, "bos_token_id": 1,
                                                     "eos_token_id": 2, "transformers_version": "4.33.2"})
