@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from lowtune.cli import main
 
 LLAMA2_7B = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, intermediate_size=11008,
@@ -42,3 +44,28 @@ def test_estimate_plans_a_recipe_model_before_it_is_downloaded(tmp_path, capsys,
     out = capsys.readouterr().out
     assert "published shape (32 layers, hidden 4096, vocabulary 103168)" in out
     assert "memory plan: micro-batch" in out and "forecast peak" in out
+
+
+def test_estimate_forecasts_the_micro_batch_the_config_asks_for(tmp_path, capsys):
+    model = tmp_path / "llama2-7b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA2_7B))
+    args = ["estimate", "internlm-chat-7b-qlora-medqa", f"model.path={model}", "--gpu-memory", "8"]
+    assert main(args) == 0
+    auto = float(capsys.readouterr().out.split("forecast peak ")[1].split(" GiB")[0])
+    assert main([*args, "train.micro_batch=4"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan: micro-batch 4 x accumulation 4" in out
+    assert float(out.split("forecast peak ")[1].split(" GiB")[0]) > auto
+    assert "does not fit: try train.micro_batch=auto, a lower data.max_length or lora.r" in out  # nf4 already
+
+
+def test_speed_forecast_scales_with_the_tokens_per_micro_batch():
+    from lowtune.models.memory import MemoryPlan
+    from lowtune.train.estimate import duration, mfu
+
+    one = MemoryPlan(1, 16, True, True, "paged_adamw_8bit", 0, 1)
+    two = MemoryPlan(2, 8, True, True, "paged_adamw_8bit", 0, 1)
+    assert mfu(two, 2048) == pytest.approx(0.27)
+    assert mfu(one, 2048) == pytest.approx(0.18, abs=0.01)  # InternLM-Chat-7B measured 18.0% (bench/RESULTS.md)
+    assert duration(20 * 60) == "20 min" and duration(2.5 * 3600) == "2.5 h"

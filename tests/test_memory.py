@@ -50,3 +50,14 @@ def test_plan_says_when_nothing_fits():
     plan = plan_memory(LLAMA2_7B, capacity_bytes=3 * GIB, seq_len=2048, rows_per_step=16, quantization="nf4",
                        lora_r=64)
     assert not plan.fits and "forecast peak" in plan.describe()
+
+
+def test_plan_keeps_the_choices_the_config_fixes_and_forecasts_them():
+    common = dict(capacity_bytes=int(6.4 * GIB), seq_len=2048, rows_per_step=16, quantization="nf4", lora_r=64)
+    auto = plan_memory(LLAMA2_7B, **common)
+    doubled = plan_memory(LLAMA2_7B, micro_batch=4, **common)
+    assert doubled.micro_batch == 4 and doubled.grad_accum == 4
+    assert doubled.peak_bytes > auto.peak_bytes  # the forecast is of the micro-batch that will run
+    kept = plan_memory(LLAMA2_7B, checkpointing=True, offload=False, optimizer="adamw", **common)
+    assert (kept.checkpointing, kept.offload, kept.optimizer) == (True, False, "adamw")
+    assert not plan_memory(LLAMA2_7B, checkpointing=False, offload=True, **common).offload  # needs checkpointing

@@ -75,17 +75,23 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nproc", type=int, metavar="N", help="train on N processes / GPUs of this machine (torchrun)")
 
 
+def _late_flags(verb: str, add_flags: Callable[[argparse.ArgumentParser], None],
+                rest: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Flags may also follow the overrides (`train cfg.yaml train.lr=1e-4 --resume auto`): split them off."""
+    late_parser = argparse.ArgumentParser(prog=f"lowtune {verb}", add_help=False)
+    add_flags(late_parser)
+    late, overrides = late_parser.parse_known_args(rest)
+    unknown = [item for item in overrides if item.startswith("-")]
+    if unknown:
+        raise UserError(f"unknown option {unknown[0]} for `lowtune {verb}`; see `lowtune {verb} --help`")
+    return late, overrides
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lowtune.config import load_config
     from lowtune.train import train
 
-    # flags may also follow the overrides (`train cfg.yaml train.lr=1e-4 --resume auto`)
-    late_parser = argparse.ArgumentParser(prog="lowtune train", add_help=False)
-    _train_flags(late_parser)
-    late, overrides = late_parser.parse_known_args(args.overrides)
-    unknown = [item for item in overrides if item.startswith("-")]
-    if unknown:
-        raise UserError(f"unknown option {unknown[0]} for `lowtune train`; see `lowtune train --help`")
+    late, overrides = _late_flags("train", _train_flags, args.overrides)
     cfg = load_config(args.config, overrides)
     resume, dry_run = late.resume or args.resume, late.dry_run or args.dry_run
     from lowtune.train.launch import in_worker, launch, needs_launch, requested_processes
@@ -103,7 +109,13 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from lowtune.config import load_config
     from lowtune.train.estimate import estimate
 
-    return estimate(load_config(args.config, args.overrides), args.gpu_memory, Console(highlight=False))
+    late, overrides = _late_flags("estimate", _estimate_flags, args.overrides)
+    return estimate(load_config(args.config, overrides), late.gpu_memory or args.gpu_memory,
+                    Console(highlight=False))
+
+
+def _estimate_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpu-memory", type=float, metavar="GiB", help="plan for a GPU of this size (default: this GPU)")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -323,8 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("estimate", cmd_estimate, "forecast peak GPU memory and time for a config; shows the plan train picks")
     p.add_argument("config", metavar="CONFIG", help="YAML file or shipped recipe name")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.max_length=1024")
-    p.add_argument("--gpu-memory", type=float, metavar="GiB", help="plan for a GPU of this size (default: this GPU)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, metavar="KEY=VALUE",
+                   help="config overrides, e.g. data.max_length=1024")
+    _estimate_flags(p)
 
     p = verb("plot", cmd_plot, "draw a run's loss curve into RUN/loss.png")
     p.add_argument("run", metavar="RUN", help="run folder")

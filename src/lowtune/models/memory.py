@@ -133,31 +133,39 @@ def forecast(shape: Shape, *, quantization: str, lora_r: int | None, optimizer: 
             "activations": activation_bytes(shape, tokens, checkpointing, offload), "workspace": WORKSPACE_BYTES}
 
 
-def plan_memory(shape: Shape, *, capacity_bytes: int, seq_len: int, rows_per_step: int, quantization: str,
-                lora_r: int | None, optimizer: str = "auto", allow_no_checkpointing: bool = True) -> MemoryPlan:
-    """The setting expected to train fastest among those that fit.
+def speed_score(tokens: int, checkpointing: bool, offload: bool) -> float:
+    """Relative training speed of a setting: t / (t + HALF_SPEED_TOKENS) for t tokens per micro-batch, times the
+    mode's factor (recomputing costs about a quarter, offloading a little more; measured on an H200,
+    bench/RESULTS.md)."""
+    return tokens / (tokens + HALF_SPEED_TOKENS) * MODE_SPEED[(checkpointing, offload)]
 
-    Speed is scored as t / (t + HALF_SPEED_TOKENS) for t tokens per micro-batch, times a mode factor (recomputing
-    costs about a quarter, offloading a little more; measured on an H200, bench/RESULTS.md): bigger micro-batches
-    win while the GPU is far from saturated, then skipping recomputation wins. Ties go to 32-bit optimizer states, then to less memory.
-    The micro-batch always divides rows_per_step (batch_size x grad_accum), so the optimizer sees the same rows.
-    When nothing fits, the leanest setting is returned (its `fits` is False).
+
+def plan_memory(shape: Shape, *, capacity_bytes: int, seq_len: int, rows_per_step: int, quantization: str,
+                lora_r: int | None, optimizer: str = "auto", micro_batch: int | None = None,
+                checkpointing: bool | None = None, offload: bool | None = None) -> MemoryPlan:
+    """The setting expected to train fastest among those that fit; a choice passed in (not None / 'auto') is kept
+    and only the others are searched, so the forecast is always of the setting that will run.
+
+    Bigger micro-batches win while the GPU is far from saturated, then skipping recomputation wins (`speed_score`).
+    Ties go to 32-bit optimizer states, then to less memory. The micro-batch always divides rows_per_step
+    (batch_size x grad_accum), so the optimizer sees the same rows. When nothing fits, the leanest setting is
+    returned (its `fits` is False). Offloading applies only with checkpointing.
     """
     optimizers = ["adamw", "paged_adamw_8bit"] if optimizer == "auto" else [optimizer]
-    micro_options = [m for m in range(rows_per_step, 0, -1) if rows_per_step % m == 0
-                     and (m * seq_len <= MAX_TOKENS_PER_MICRO_BATCH or m == 1)]
-    modes = [mode for mode in MODE_SPEED if allow_no_checkpointing or mode[0]]
+    micro_options = [micro_batch] if micro_batch else [
+        m for m in range(rows_per_step, 0, -1)
+        if rows_per_step % m == 0 and (m * seq_len <= MAX_TOKENS_PER_MICRO_BATCH or m == 1)]
+    modes = [(ckpt, off) for ckpt, off in MODE_SPEED
+             if checkpointing in (None, ckpt) and (not ckpt or offload in (None, off))]
     plans = []
     for rank, opt in enumerate(optimizers):
-        for checkpointing, offload in modes:
+        for ckpt, off in modes:
             for micro in micro_options:
                 parts = forecast(shape, quantization=quantization, lora_r=lora_r, optimizer=opt,
-                                 tokens=micro * seq_len, checkpointing=checkpointing, offload=offload)
-                plan = MemoryPlan(micro, rows_per_step // micro, checkpointing, offload, opt, sum(parts.values()),
+                                 tokens=micro * seq_len, checkpointing=ckpt, offload=off)
+                plan = MemoryPlan(micro, rows_per_step // micro, ckpt, off, opt, sum(parts.values()),
                                   capacity_bytes, parts)
-                tokens = micro * seq_len
-                speed = tokens / (tokens + HALF_SPEED_TOKENS) * MODE_SPEED[(checkpointing, offload)]
-                plans.append((plan, (speed, -rank, -plan.peak_bytes)))
+                plans.append((plan, (speed_score(micro * seq_len, ckpt, off), -rank, -plan.peak_bytes)))
     fitting = [(plan, score) for plan, score in plans if plan.fits]
     if fitting:
         return max(fitting, key=lambda item: item[1])[0]

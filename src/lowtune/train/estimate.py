@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 
 from lowtune.config import Config
 from lowtune.errors import UserError
-from lowtune.models.memory import GIB, MODE_SPEED, Shape, forecast, known_shape, plan_memory
+from lowtune.models.memory import GIB, MODE_SPEED, MemoryPlan, Shape, forecast, known_shape, speed_score
 from lowtune.models.resolve import LOCAL_FOLDER, is_hub_id, missing_folder_error, resolve_model_dir
-from lowtune.train.plan import USABLE_SHARE, gpu_capacity_bytes, rows_per_step
+from lowtune.train.plan import USABLE_SHARE, fit_hint, gpu_capacity_bytes, memory_plan, rows_per_step
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -23,10 +23,22 @@ if TYPE_CHECKING:
 # Dense bf16 (fp16 where bf16 is missing) TFLOP/s that a large matmul reaches, by GPU name fragment.
 MATMUL_TFLOPS = {"H200": 790, "H100": 750, "A100": 280, "L40": 300, "A10": 110, "4090": 150, "3090": 65,
                  "4080": 100, "3080": 55, "4070": 60, "3060": 25, "T4": 45, "V100": 90, "A6000": 140}
-# Share of that rate a training step reached, by (checkpointing, offload) — measured on an H200 (bench/RESULTS.md:
-# 55.7% without checkpointing, 26.3% with checkpointing + offload at 2 x 2048 tokens; checkpointing alone was
-# within 2% of offloading there, so it is put just above).
-MODE_MFU = {(False, False): 0.55, (True, False): 0.27, (True, True): 0.26}
+# Share of that rate a training step reached, by (checkpointing, offload), at MFU_TOKENS per micro-batch; measured on
+# an H200 (bench/RESULTS.md: 54.5% without checkpointing at 4 x 2048 tokens, 28.7% with checkpointing + offload at
+# 2 x 2048; checkpointing alone was within 2% of offloading, so it is put just above). Other micro-batch sizes are
+# scaled by models/memory.speed_score: InternLM-Chat-7B at 1 x 2048 with offload then forecasts 18% (measured 18.0%).
+MODE_MFU = {(False, False): 0.54, (True, False): 0.28, (True, True): 0.27}
+MFU_TOKENS = {(False, False): 8192, (True, False): 4096, (True, True): 4096}
+
+
+def mfu(plan: MemoryPlan, seq: int) -> float:
+    """Forecast share of the GPU's matmul rate for this plan's mode and tokens per micro-batch."""
+    mode = (plan.checkpointing, plan.offload)
+    return MODE_MFU[mode] * speed_score(plan.micro_batch * seq, *mode) / speed_score(MFU_TOKENS[mode], *mode)
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{max(1, round(seconds / 60))} min"
 
 
 def _shape(model_dir: Path) -> Shape:
@@ -95,8 +107,7 @@ def estimate(cfg: Config, gpu_memory_gib: float | None, console: Console) -> int
     seq = cfg.data.max_length or 2048
     lora_r = cfg.lora.r if cfg.lora.enabled else None
     rows = rows_per_step(cfg)
-    plan = plan_memory(shape, capacity_bytes=capacity, seq_len=seq, rows_per_step=rows,
-                       quantization=cfg.model.quantization, lora_r=lora_r, optimizer=cfg.train.optimizer)
+    plan = memory_plan(cfg, shape, seq, capacity)
     table = Table(title=f"{cfg.model.path}: {cfg.model.quantization} {'LoRA r%d' % lora_r if lora_r else 'full'}"
                         f", {seq} tokens x {rows} rows per step, {name}", title_justify="left")
     for column in ("setting", "micro-batch", "optimizer", "peak GiB", "fits"):
@@ -113,17 +124,15 @@ def estimate(cfg: Config, gpu_memory_gib: float | None, console: Console) -> int
     tokens = _data_tokens(cfg, model_dir) if model_dir is not None else None
     tflops = _tflops(name)
     if tflops and plan.fits:
-        rate = MODE_MFU[(plan.checkpointing, plan.offload)] * tflops * 1e12 / shape.flops_per_token(
-            seq, full=lora_r is None)
+        rate = mfu(plan, seq) * tflops * 1e12 / shape.flops_per_token(seq, full=lora_r is None)
         line = f"speed forecast: about {rate:,.0f} tokens/s"
         if tokens:
             epochs = cfg.train.epochs if not cfg.train.max_steps else None
             total = tokens * epochs if epochs else cfg.train.max_steps * rows * seq
-            line += f"; {tokens:,} tokens per epoch -> about {total / rate / 3600:.1f} h"
+            line += f"; {tokens:,} tokens per epoch -> about {duration(total / rate)}"
         console.print(line, markup=False, soft_wrap=True)
     elif tokens:
         console.print(f"{tokens:,} tokens per epoch (no speed forecast for {name})", markup=False)
     if not plan.fits:
-        console.print("does not fit: lower data.max_length or lora.r, or use model.quantization=nf4",
-                      markup=False, soft_wrap=True)
+        console.print(f"does not fit: {fit_hint(cfg)}", markup=False, soft_wrap=True)
     return 0

@@ -35,6 +35,8 @@ class DevicePlan:
     flat_batches: bool
     """Micro-batches are concatenated into one row with per-sample boundaries (varlen attention, no padding)."""
     memory: MemoryPlan | None = None
+    fit_hint: str = ""
+    """What to change when the forecast does not fit."""
 
     def describe(self) -> str:
         mode = "checkpointing + CPU offload" if self.offload else (
@@ -47,7 +49,7 @@ class DevicePlan:
             text += f"\n      forecast peak {self.memory.peak_bytes / GIB:.1f} GiB of " \
                     f"{self.memory.capacity_bytes / GIB:.1f} GiB usable"
             if not self.memory.fits:
-                text += " - may run out of memory: lower data.max_length or lora.r, or use model.quantization=nf4"
+                text += f" - may run out of memory: {self.fit_hint}"
         return text
 
 
@@ -93,29 +95,46 @@ def _cpu_plan(cfg: Config) -> DevicePlan:
                       compile=_as_bool(cfg.train.compile, False), attention="sdpa", flat_batches=False)
 
 
+def memory_plan(cfg: Config, shape: Shape, seq_len: int, capacity: int) -> MemoryPlan:
+    """The memory plan for the train section: its fixed choices kept, every `auto` picked for `capacity`."""
+    t = cfg.train
+    return plan_memory(shape, capacity_bytes=capacity, seq_len=seq_len, rows_per_step=rows_per_step(cfg),
+                       quantization=cfg.model.quantization, lora_r=cfg.lora.r if cfg.lora.enabled else None,
+                       optimizer=t.optimizer, micro_batch=None if t.micro_batch == "auto" else t.micro_batch,
+                       checkpointing=None if t.gradient_checkpointing == "auto" else bool(t.gradient_checkpointing),
+                       offload=None if t.offload_activations == "auto" else bool(t.offload_activations))
+
+
+def fit_hint(cfg: Config) -> str:
+    """The settings to change when the forecast exceeds the GPU, starting with any the config fixed by hand."""
+    t, fixes = cfg.train, []
+    if t.micro_batch != "auto":
+        fixes.append("train.micro_batch=auto")
+    if t.gradient_checkpointing is False or t.offload_activations is False:
+        fixes.append("train.gradient_checkpointing=auto train.offload_activations=auto")
+    fixes.append("a lower data.max_length" + (" or lora.r" if cfg.lora.enabled else ""))
+    if cfg.model.quantization == "none":
+        fixes.append("model.quantization=nf4")
+    return "try " + ", ".join(fixes)
+
+
 def _gpu_plan(cfg: Config, model_dir: Path, seq_len: int, capacity: int) -> DevicePlan:
     from lowtune.kernels.attention import register, varlen_available
 
     shape = Shape.from_config(json.loads((model_dir / "config.json").read_text(encoding="utf-8")))
-    t = cfg.train
-    rows = rows_per_step(cfg)
-    lora_r = cfg.lora.r if cfg.lora.enabled else None
-    memory = plan_memory(shape, capacity_bytes=capacity, seq_len=seq_len, rows_per_step=rows,
-                         quantization=cfg.model.quantization, lora_r=lora_r, optimizer=t.optimizer,
-                         allow_no_checkpointing=t.gradient_checkpointing in ("auto", False))
-    micro = memory.micro_batch if t.micro_batch == "auto" else t.micro_batch
-    checkpointing = _as_bool(t.gradient_checkpointing, memory.checkpointing)
-    offload = checkpointing and _as_bool(t.offload_activations, memory.offload)
-    optimizer = memory.optimizer if t.optimizer == "auto" else t.optimizer
+    memory = memory_plan(cfg, shape, seq_len, capacity)
+    optimizer = memory.optimizer
     if optimizer.endswith("8bit") or optimizer.startswith("paged"):
         try:
             import bitsandbytes  # noqa: F401  (8-bit states need it; fall back to AdamW without)
         except ImportError:
             optimizer = "adamw"
     varlen = varlen_available()
-    return DevicePlan(micro_batch=micro, grad_accum=rows // micro, checkpointing=checkpointing, offload=offload,
-                      optimizer=optimizer, compile=_as_bool(t.compile, triton_supported() and t.distributed != "fsdp"),
-                      attention=register() if varlen else "sdpa", flat_batches=varlen, memory=memory)
+    return DevicePlan(micro_batch=memory.micro_batch, grad_accum=memory.grad_accum,
+                      checkpointing=memory.checkpointing, offload=memory.offload, optimizer=optimizer,
+                      compile=_as_bool(cfg.train.compile, triton_supported() and cfg.train.distributed != "fsdp"),
+                      attention=register() if varlen else "sdpa", flat_batches=varlen, memory=memory,
+                      fit_hint=fit_hint(cfg))
 
 
 def plan_device(cfg: Config, model_dir: Path, device: Any, seq_len: int) -> DevicePlan:
