@@ -26,7 +26,7 @@ MATMUL_TFLOPS = {"H200": 790, "H100": 750, "A100": 280, "L40": 300, "A10": 110, 
 # Share of that rate a training step reached, by (checkpointing, offload), at MFU_TOKENS per micro-batch; measured on
 # an H200 (bench/RESULTS.md: 54.5% without checkpointing at 4 x 2048 tokens, 28.7% with checkpointing + offload at
 # 2 x 2048; checkpointing alone was within 2% of offloading, so it is put just above). Other micro-batch sizes are
-# scaled by models/memory.speed_score: InternLM-Chat-7B at 1 x 2048 with offload then forecasts 18% (measured 18.0%).
+# scaled by models/memory.speed_score: InternLM-Chat-7B at 1 x 2048 with offload then forecasts 18% (measured 17.0%).
 MODE_MFU = {(False, False): 0.54, (True, False): 0.28, (True, True): 0.27}
 MFU_TOKENS = {(False, False): 8192, (True, False): 4096, (True, True): 4096}
 
