@@ -266,15 +266,17 @@ def case_r(results: list) -> None:
 def case_m(results: list) -> None:
     """Several GPUs (`lowtune train --nproc N`): QLoRA with DDP and bf16 LoRA with FSDP, each on 1 and on N
     processes, each process taking 16 rows per optimizer step (the global batch grows with N, as in XTuner and HF
-    Trainer); scaling = N-process tok/s over 1-process tok/s. N = NPROC (2)."""
+    Trainer); scaling = N-process tok/s over 1-process tok/s. N = NPROC (2). M_QUICK=1: only QLoRA on N processes
+    (compare with case a's lowtune row)."""
     nproc = os.environ.get("NPROC", "2")
+    quick = os.environ.get("M_QUICK") == "1"
     data = write_text(os.path.join(WORK, "rows_many.jsonl"), [SEQ] * (16 * int(nproc) * (STEPS + 1)))
     bf16 = ["model.quantization=none"]
     for label, single, several in [("QLoRA, ddp", [], []),
-                                   ("bf16 LoRA, fsdp", bf16, [*bf16, "train.distributed=fsdp"])]:
-        one = lowtune(f"m_1proc_{len(single)}", data, single)
+                                   ("bf16 LoRA, fsdp", bf16, [*bf16, "train.distributed=fsdp"])][:1 if quick else 2]:
+        one = {} if quick else lowtune(f"m_1proc_{len(single)}", data, single)
         many = lowtune(f"m_{nproc}proc_{len(several)}", data, [*several, "--nproc", nproc])
-        results += [dict(case="m", **one), dict(case="m", **many)]
+        results += [dict(case="m", **run) for run in (one, many) if run]
         if "tok_per_s" in one and "tok_per_s" in many:
             print(f"scaling ({label}): {nproc} processes {many['tok_per_s']:.0f} tok/s vs 1 process "
                   f"{one['tok_per_s']:.0f} tok/s = {many['tok_per_s'] / one['tok_per_s']:.2f}x", flush=True)
