@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from lowtune.kernels.loss import IGNORE_INDEX, linear_cross_entropy_sum
+from lowtune.models.load import base_model
 
 LIGER_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral"}
 
@@ -19,7 +20,7 @@ def is_sharded(model: Any) -> bool:
     """Whether the (PEFT-wrapped) model's weights are sharded by FSDP2 (train.distributed=fsdp)."""
     from torch.distributed.fsdp import FSDPModule
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return isinstance(base, FSDPModule)
 
 
@@ -28,7 +29,7 @@ def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
     unusual (bias, soft-capping, a custom class)."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     if is_sharded(base):  # the head's weight is only gathered inside the model's own forward
         return None
     decoder, head = getattr(base, "model", None), getattr(base, "lm_head", None)
@@ -98,7 +99,7 @@ def compile_layers(model: Any, backend: str = "inductor") -> int:
     Only training forwards (train mode, gradients on) take the compiled path: sample answers and eval loss run the
     same layers eagerly, so one-token decoding and no-grad passes never trigger recompilation.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None:
         return 0

@@ -24,6 +24,11 @@ HEAD_NAMES = ("lm_head", "output", "output_layer", "embed_out")
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
+def base_model(model: Any) -> Any:
+    """The transformers model itself: under a PEFT wrapper, the wrapped model; otherwise `model`."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def default_device() -> str:
     import torch
 
@@ -120,7 +125,7 @@ def enable_checkpointing(model: PreTrainedModel) -> None:
     `gradient_checkpointing_enable` exists in every transformers 5 release; later ones rename it
     `activation_checkpointing_enable` and warn on the old name.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from lowtune.models.load import base_model
+
 
 class HostEmbedding(torch.nn.Module):
     """A frozen input embedding whose table stays in (pinned) host memory: token rows are looked up on the CPU
@@ -35,7 +37,7 @@ class HostEmbedding(torch.nn.Module):
 def keep_input_embeddings_on_host(model: Any) -> int:
     """Move a frozen, untied input embedding off the GPU; returns the device bytes freed (0 when it does not
     apply: trainable or tied embeddings, or a model on the CPU)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     embedding, head = base.get_input_embeddings(), base.get_output_embeddings()
     if type(embedding) is not torch.nn.Embedding or embedding.weight.requires_grad \
             or embedding.weight.device.type == "cpu":

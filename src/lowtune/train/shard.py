@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lowtune.errors import UserError
+from lowtune.models.load import base_model
 
 OPTIMIZER_FILE = "optimizer_full.pt"
 TRAINABLE_FILE = "trainable_full.safetensors"
@@ -24,7 +25,7 @@ def shard(model: Any) -> Any:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     layers = getattr(getattr(base, "model", None), "layers", None)
     if layers is None:
         raise UserError(f"train.distributed=fsdp: no decoder layers at model.layers in {type(base).__name__}; "
@@ -39,7 +40,7 @@ def shard(model: Any) -> Any:
 
 def set_gradient_sync(model: Any, sync: bool) -> None:
     """Skip the reduce-scatter on all but the last micro-batch of a step (gradients accumulate unsharded)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     base.set_requires_gradient_sync(sync)
 
 
