@@ -81,7 +81,8 @@ def test_sharded_strategies_are_refused_rather_than_ignored(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method, overrides", [("lora", []), ("full", ["lora.enabled=false", "train.lr=1e-4"])])
+@pytest.mark.parametrize("method, overrides", [("lora", []), ("full", ["lora.enabled=false", "train.lr=1e-4"]),
+                                               ("lora", ["train.compile=true"])])  # compiled layers inside FSDP units
 def test_sharded_two_processes_match_one_and_resume(tmp_path, method, overrides):
     """train.distributed=fsdp (FSDP2 over gloo): the losses of one process, weights that load with plain
     transformers/peft, and a resume from a mid-run checkpoint that repeats the uninterrupted run's last steps."""
