@@ -145,3 +145,22 @@ def test_a_missing_tutorial_folder_says_how_to_download_it(tmp_path, monkeypatch
         resolve_model_dir("models/internlm-chat-7b")
     assert "lowtune download Shanghai_AI_Laboratory/internlm-chat-7b --hub modelscope -o models/internlm-chat-7b" \
         in str(caught.value)
+
+
+def test_a_mistyped_local_path_a_file_or_a_run_folder_is_not_taken_for_a_hub_id(online, tmp_path):
+    from lowtune.errors import UserError
+
+    online.chdir(tmp_path)
+    (tmp_path / "runs" / "medqa").mkdir(parents=True)
+    (tmp_path / "runs" / "medqa" / "config.yaml").write_text("model: {path: models/internlm-chat-7b}\n")
+    (tmp_path / "runs" / "medqa" / "adapter").mkdir()
+    (tmp_path / "runs" / "medqa" / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "data.jsonl").write_text("{}\n")
+    cases = {"runs/medqaa": "model folder not found: runs/medqaa (relative to", "data.jsonl": "data.jsonl is a file",
+             "runs/medqa": "runs/medqa is a run folder, not a model: its base is models/internlm-chat-7b",
+             "runs/medqa/adapter": "runs/medqa/adapter is a LoRA adapter, not a model"}
+    for spec, message in cases.items():
+        with pytest.raises(UserError, match="^" + message.replace("(", r"\(")):
+            resolve_model_dir(spec)
+    with pytest.raises(UserError, match=r"did you mean 'runs/medqa'"):
+        resolve_model_dir("runs/medqaa")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lowtune.errors import UserError
+from lowtune.errors import UserError, did_you_mean
 from lowtune.models.builtin import builtin_path, is_builtin
+from lowtune.runs import RunFolder, is_adapter_dir, is_run_folder
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # `models/NAME` is the tutorial's download folder, never a hub id ("models" is no owner on either hub)
@@ -41,6 +42,10 @@ def resolve_model_dir(spec: str, hub: str = "auto", revision: str | None = None,
     path = Path(spec).expanduser()
     if path.is_dir():
         return _prepared(path, trust_remote_code)
+    if path.is_file():
+        raise UserError(f"{spec} is a file; give a model folder (config.json + weights), a hub id or builtin:tiny")
+    if is_hub_id(spec) and path.parent.is_dir() and path.parent != Path("."):
+        raise _missing_local_folder(path)
     if is_hub_id(spec):
         from lowtune.models.download import download  # network only for hub ids
 
@@ -51,7 +56,21 @@ def resolve_model_dir(spec: str, hub: str = "auto", revision: str | None = None,
                     "(or builtin:tiny)")
 
 
+def _missing_local_folder(path: Path) -> UserError:
+    """`runs/medqaa` when `runs/` is here: a mistyped local path, not a hub id (the hubs would only fail later)."""
+    siblings = [p.name for p in path.parent.iterdir() if p.is_dir()]
+    hint = did_you_mean(path.name, siblings, prefix=f"{path.parent}/")
+    return UserError(f"model folder not found: {path} (relative to {Path.cwd()}){hint}")
+
+
 def _prepared(path: Path, trust_remote_code: bool) -> Path:
+    if is_run_folder(path):
+        base = RunFolder(path).load_config().model.path
+        raise UserError(f"{path} is a run folder, not a model: its base is {base}; use that, or merge the run first "
+                        f"(lowtune merge {path} -o merged/{path.name}) and give merged/{path.name}")
+    if is_adapter_dir(path) and not (path / "config.json").is_file():
+        raise UserError(f"{path} is a LoRA adapter, not a model; merge it first (lowtune merge {path} -o "
+                        "merged/NAME) and give merged/NAME")
     if not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json: give a Hugging Face model folder "
                         "(lowtune download ID -o DIR fetches one)")

@@ -371,47 +371,51 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
 
     hf_logging.disable_progress_bar()  # our own bar is the one to watch
     accelerator = make_accelerator(cfg)
-    main = accelerator.is_main_process
-    sharded = cfg.train.distributed == "fsdp" and accelerator.num_processes > 1
-    if sharded and accelerator.mixed_precision == "fp16":
-        raise UserError("train.distributed=fsdp needs bf16 (Ampere or newer GPUs) or fp32: fp16 loss scaling is not "
-                        "sharded; use train.distributed=ddp or model.dtype=fp32")
-    device_plan = plan_device(cfg, model_dir, accelerator.device, seq_len)
-    plan = StepPlan(len(data.train), device_plan.micro_batch, device_plan.grad_accum, cfg.train.seed,
-                    accelerator.num_processes, accelerator.process_index)
-    total = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
-    if main:
-        if checkpoint is None:
-            start_fresh(run, resume, overwrite)
-        write_run_header(run, cfg, model_dir, tokenizer, template)
-    accelerator.wait_for_everyone()
-
-    set_seed(cfg.train.seed)
-    model, optimizer, scheduler, (trainable, params), notes = _build_training(cfg, model_dir, accelerator,
-                                                                              device_plan, total, sharded)
-    sharded_parts = (model, optimizer) if sharded else None
-    step = _restore(accelerator, checkpoint, run, plan, console, sharded_parts) if checkpoint is not None else 0
-    if main:
-        _say(console, data.describe())
-        _say(console, _describe_plan(plan, total, cfg, trainable, params))
-        _say(console, device_plan.describe())
-        for note in notes:
-            _say(console, f"      {note}")
-    result = TrainResult(run.root, step, trainable=trainable, total=params,
-                         model=accelerator.unwrap_model(model), tokenizer=tokenizer)
-    recorder = Recorder(run, cfg, console, enabled=main)
     try:
-        _fit(cfg, run, model, tokenizer, template, data, plan, total, step, optimizer, scheduler, accelerator,
-             recorder, console, result, device_plan)
+        main = accelerator.is_main_process
+        sharded = cfg.train.distributed == "fsdp" and accelerator.num_processes > 1
+        if sharded and accelerator.mixed_precision == "fp16":
+            raise UserError("train.distributed=fsdp needs bf16 (Ampere or newer GPUs) or fp32: fp16 loss scaling is "
+                            "not sharded; use train.distributed=ddp or model.dtype=fp32")
+        device_plan = plan_device(cfg, model_dir, accelerator.device, seq_len)
+        plan = StepPlan(len(data.train), device_plan.micro_batch, device_plan.grad_accum, cfg.train.seed,
+                        accelerator.num_processes, accelerator.process_index)
+        total = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
+        if main:
+            if checkpoint is None:
+                start_fresh(run, resume, overwrite)
+            write_run_header(run, cfg, model_dir, tokenizer, template)
+        accelerator.wait_for_everyone()
+
+        set_seed(cfg.train.seed)
+        model, optimizer, scheduler, (trainable, params), notes = _build_training(cfg, model_dir, accelerator,
+                                                                                  device_plan, total, sharded)
+        sharded_parts = (model, optimizer) if sharded else None
+        step = _restore(accelerator, checkpoint, run, plan, console, sharded_parts) if checkpoint is not None else 0
+        if main:
+            _say(console, data.describe())
+            _say(console, _describe_plan(plan, total, cfg, trainable, params))
+            _say(console, device_plan.describe())
+            for note in notes:
+                _say(console, f"      {note}")
+        result = TrainResult(run.root, step, trainable=trainable, total=params,
+                             model=accelerator.unwrap_model(model), tokenizer=tokenizer)
+        recorder = Recorder(run, cfg, console, enabled=main)
+        try:
+            _fit(cfg, run, model, tokenizer, template, data, plan, total, step, optimizer, scheduler, accelerator,
+                 recorder, console, result, device_plan)
+        finally:
+            recorder.close()
+        weights = full_trainable_state(model) if sharded else None  # collective: every process gathers
+        if main:
+            export_weights(accelerator.unwrap_model(model), tokenizer, template, run, cfg, weights)
+            plot_loss(run.root)
+            _say(console, f"done: {run.root} (continue with: lowtune chat {run.root})")
+        accelerator.wait_for_everyone()
+        return result
     finally:
-        recorder.close()
-    weights = full_trainable_state(model) if sharded else None  # collective: every process gathers
-    if main:
-        export_weights(accelerator.unwrap_model(model), tokenizer, template, run, cfg, weights)
-        plot_loss(run.root)
-        _say(console, f"done: {run.root} (continue with: lowtune chat {run.root})")
-    accelerator.wait_for_everyone()
-    return result
+        # a process group left to the interpreter's exit can abort a finished worker (gloo threads: SIGABRT)
+        accelerator.end_training()
 
 
 def _fit(cfg: Config, run: RunFolder, model: Any, tokenizer: Any, template: ChatTemplate, data: TrainData,
