@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -54,6 +56,15 @@ def test_split_rounds_down_and_depends_on_the_seed(tmp_path):
     assert main(["data", "split", str(src), "--train", "0.7", "--seed", "2"]) == 0
     assert (tmp_path / "d.train.jsonl").read_text(encoding="utf-8") != seed1
     assert main(["data", "split", str(src), "--train", "1.2"]) == 2
+
+
+def test_written_files_get_the_umask_modes_others_can_read(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        assert main(["data", "split", str(small_dataset(tmp_path / "d.json", 4)), "--train", "0.5"]) == 0
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "d.train.jsonl").stat().st_mode) == 0o644  # not mkstemp's 0600
 
 
 def test_identity_paraphrases_questions_and_answers_deterministically(tmp_path):

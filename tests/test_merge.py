@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -107,6 +109,10 @@ def test_merged_folder_layout_template_and_stop_ids(merged_lora, micro_tokenizer
     assert {"lora", "lowtune"} <= set(meta["tags"]) and meta["license"] == "other"
     assert "datasets" not in meta  # data/self.jsonl is a local file, not a hub dataset
     assert json.loads((merged_lora / "config.json").read_text())["use_cache"] is True
+    mask = os.umask(0)
+    os.umask(mask)  # others can read what merge wrote (mkdtemp and safetensors alone give 0700 / 0600)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in [merged_lora, *merged_lora.iterdir()]} == {
+        0o777 & ~mask, 0o666 & ~mask}
 
 
 def test_bf16_merge_stores_bf16_weights(identity_run, micro_dir, micro_tokenizer, tmp_path):

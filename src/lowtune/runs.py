@@ -202,14 +202,27 @@ def atomic_write_text(path: Path, text: str) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        share_like_open(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def share_like_open(path: Path) -> None:
+    """Give a file or folder tree the modes open()/mkdir() would under the umask.
+
+    mkstemp, mkdtemp and safetensors make 0600/0700 ones, which other users, a container or a web server cannot read.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
 def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a fully written temp folder into place, replacing an older one (rename is atomic per folder)."""
+    share_like_open(tmp_dir)
     if final_dir.exists():
         old = final_dir.with_name(f".{final_dir.name}.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lowtune.errors import UserError
+from lowtune.runs import share_like_open
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -374,6 +375,7 @@ def write_jsonl(path: Path, conversations: Iterator[list[dict]] | list[list[dict
             for messages in conversations:
                 handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
                 count += 1
+        share_like_open(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from lowtune.errors import UserError
-from lowtune.runs import RunFolder
+from lowtune.runs import RunFolder, share_like_open
 from lowtune.train.observe import read_jsonl
 
 
@@ -42,6 +42,7 @@ def plot_loss(run_dir: str | Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp)
+        share_like_open(Path(tmp))
         os.replace(tmp, run.loss_plot_path)
     finally:
         plt.close(fig)
