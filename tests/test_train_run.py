@@ -145,6 +145,8 @@ def test_existing_run_is_not_clobbered_and_plot_redraws(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "run")]) == 0
     assert plot.read_bytes()[:4] == b"\x89PNG"
     assert main(["plot", str(tmp_path)]) == 2
+    assert main(["plot", str(tmp_path / "runn")]) == 2
+    assert "runn is not a run folder (no config.yaml)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])

@@ -10,13 +10,15 @@ import tempfile
 from pathlib import Path
 
 from lowtune.errors import UserError
-from lowtune.runs import RunFolder, share_like_open
+from lowtune.runs import RunFolder, is_run_folder, share_like_open
 from lowtune.train.observe import read_jsonl
 
 
 def plot_loss(run_dir: str | Path) -> Path:
     """Draw the run's loss curve into loss.png (replaced atomically) and return its path."""
     run = RunFolder(Path(run_dir))
+    if not is_run_folder(run.root):
+        raise UserError(f"{run.root} is not a run folder (no config.yaml); give the folder train wrote, e.g. runs/NAME")
     rows = read_jsonl(run.metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
