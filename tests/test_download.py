@@ -112,6 +112,11 @@ def test_unknown_repo_and_unreachable_hubs_are_one_line_user_errors(online, tmp_
     result = subprocess.run([sys.executable, "-m", "lowtune.cli", "download", "owner/x"], capture_output=True,
                             text=True, env=env)
     assert result.returncode == 2 and "no hub reachable" in result.stderr
+    for hub_name in ("hf", "modelscope"):  # the hub asked for by name: says it cannot be reached, in one line
+        result = subprocess.run([sys.executable, "-m", "lowtune.cli", "download", "owner/x", "--hub", hub_name],
+                                capture_output=True, text=True, env=env)
+        assert result.returncode == 2 and f"{hub_name}: cannot reach http://127.0.0.1:" in result.stderr
+        assert result.stderr.strip().splitlines()[-1].startswith("error: ")
 
 
 def test_offline_local_paths_never_touch_the_network(online, tmp_path, internlm_repo):

@@ -146,4 +146,7 @@ def _modelscope_snapshot(repo_id: str, revision: str | None, out_dir: str | Path
         if offline:
             raise RepoNotFound(f"modelscope: '{repo_id}' is not in the local cache and HF_HUB_OFFLINE=1 forbids "
                                "the network; unset it or give a local folder") from None
+        if not reachable("modelscope"):
+            raise UserError(f"modelscope: cannot reach {modelscope_endpoint()} to fetch '{repo_id}'; check the "
+                            "network or set MODELSCOPE_DOMAIN to a mirror") from None
         raise UserError(f"modelscope: {text}") from None
