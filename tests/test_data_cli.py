@@ -128,3 +128,6 @@ def test_preview_of_a_config_uses_its_data_and_template(tmp_path, capsys, micro_
 def test_convert_rejects_a_bad_format_and_missing_file(tmp_path, capsys):
     assert main(["data", "convert", str(tmp_path / "nope.json"), "-o", str(tmp_path / "o.jsonl")]) == 2
     assert "dataset not found" in capsys.readouterr().err
+    small_dataset(tmp_path / "MedInfo2019-QA-Medications.json", 2)
+    assert main(["data", "convert", str(tmp_path / "MedInfo2019-QA-Medication.json"), "-o", "o.jsonl"]) == 2
+    assert f"(did you mean '{tmp_path}/MedInfo2019-QA-Medications.json'?)" in capsys.readouterr().err

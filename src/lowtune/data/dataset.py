@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from lowtune.data import cache
 from lowtune.data.encode import assemble, plan_batch, truncate
-from lowtune.data.formats import ReadReport, add_system, read_conversations
+from lowtune.data.formats import ReadReport, add_system, missing_dataset, read_conversations
 from lowtune.data.pack import plan_rows
 from lowtune.data.split import split_indices
 from lowtune.errors import UserError
@@ -138,7 +138,7 @@ def _key(cfg: Config, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate
     files = [*data.train, *([data.eval] if isinstance(data.eval, str) and data.eval else [])]
     for path in files:
         if not Path(path).exists():
-            raise UserError(f"dataset not found: {path}")
+            raise missing_dataset(Path(path))
     return cache.cache_key({
         "files": [cache.file_digest(Path(p)) for p in files], "eval": data.eval, "format": data.format,
         "system": data.system, "max_length": data.max_length, "packing": data.packing, "seed": cfg.train.seed,

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowtune.errors import UserError
+from lowtune.errors import UserError, did_you_mean
 from lowtune.runs import share_like_open
 
 ROLES = ("system", "user", "assistant")
@@ -313,6 +313,17 @@ def _text_records(path: Path) -> Iterator[tuple[str, Any]]:
                 yield f"{path}:{n}", {"text": line.rstrip("\n")}
 
 
+def missing_dataset(path: Path) -> UserError:
+    """'dataset not found', with the closest file name in the same folder (a typo is the usual cause)."""
+    folder = Path(path).parent
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    return UserError(f"dataset not found: {path}{did_you_mean(Path(path).name, names, prefix=_prefix(folder))}")
+
+
+def _prefix(folder: Path) -> str:
+    return "" if folder == Path(".") else f"{folder}/"
+
+
 def iter_records(path: Path, sheet: str | None = None, mapping: dict[str, str] | None = None,
                  system: str | None = None) -> Iterator[tuple[str, Any]]:
     """(where, record) pairs from any supported source; a record may be a SkipRecord to count."""
@@ -322,7 +333,7 @@ def iter_records(path: Path, sheet: str | None = None, mapping: dict[str, str] |
 
         yield from dataset_folder_records(path)
     elif not path.is_file():
-        raise UserError(f"dataset not found: {path}")
+        raise missing_dataset(path)
     elif path.suffix.lower() in SPREADSHEET_SUFFIXES:
         from lowtune.data.sheets import sheet_records
 
