@@ -140,6 +140,8 @@ def test_existing_run_is_not_clobbered_and_plot_redraws(tmp_path, capsys):
     assert main(["train", str(cfg_path)]) == 0
     assert main(["train", str(cfg_path)]) == 2
     assert "--resume auto" in capsys.readouterr().err
+    assert main(["train", str(cfg_path), "--resume", "auto", "train.max_steps=1"]) == 0
+    assert "step-2 is at step 2 and this config trains 1 steps: nothing left to train" in capsys.readouterr().out
     plot = tmp_path / "run" / "loss.png"
     plot.unlink()
     assert main(["plot", str(tmp_path / "run")]) == 0

@@ -392,6 +392,9 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
                                                                                   device_plan, total, sharded)
         sharded_parts = (model, optimizer) if sharded else None
         step = _restore(accelerator, checkpoint, run, plan, console, sharded_parts) if checkpoint is not None else 0
+        if main and checkpoint is not None and step >= total:
+            _say(console, f"note: {checkpoint} is at step {step} and this config trains {total} steps: nothing left "
+                          "to train (raise train.max_steps or train.epochs to go on)")
         if main:
             _say(console, data.describe())
             _say(console, _describe_plan(plan, total, cfg, trainable, params))
