@@ -169,3 +169,10 @@ def test_a_mistyped_local_path_a_file_or_a_run_folder_is_not_taken_for_a_hub_id(
             resolve_model_dir(spec)
     with pytest.raises(UserError, match=r"did you mean 'runs/medqa'"):
         resolve_model_dir("runs/medqaa")
+    (tmp_path / "internlm").mkdir()  # a cloned repo named like the hub owner: the hub id still goes to the hub
+    (tmp_path / "internlm" / "README.md").write_text("# a clone\n")
+    fetched = []
+    online.setattr("lowtune.models.download.download", lambda spec, **kwargs: fetched.append(spec) or tmp_path)
+    with pytest.raises(UserError):
+        resolve_model_dir("internlm/internlm-chat-7b")
+    assert fetched == ["internlm/internlm-chat-7b"]

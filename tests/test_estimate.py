@@ -69,3 +69,25 @@ def test_speed_forecast_scales_with_the_tokens_per_micro_batch():
     assert mfu(two, 2048) == pytest.approx(0.27)
     assert mfu(one, 2048) == pytest.approx(0.18, abs=0.01)  # InternLM-Chat-7B measured 17.0% (bench/RESULTS.md)
     assert duration(20 * 60) == "20 min" and duration(2.5 * 3600) == "2.5 h"
+
+
+def test_estimate_table_rows_show_the_micro_batch_each_setting_would_use(tmp_path, capsys):
+    model = tmp_path / "llama2-7b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA2_7B))
+    assert main(["estimate", "internlm-chat-7b-qlora-medqa", f"model.path={model}", "--gpu-memory", "8"]) == 0
+    out = capsys.readouterr().out
+    chosen = out.split("memory plan: micro-batch ")[1].split(" ")[0]
+    row = next(line for line in out.splitlines() if "checkpointing + offload" in line and "paged_adamw_8bit" in line)
+    assert row.split("│")[2].strip() == chosen == "2"  # the plan's row agrees with the plan
+
+
+def test_estimate_says_a_mistyped_local_model_folder_is_not_there(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "internlm-chat-7b").mkdir(parents=True)
+    (tmp_path / "models" / "internlm-chat-7b" / "config.json").write_text(json.dumps(LLAMA2_7B))
+    assert main(["estimate", "internlm-chat-7b-qlora-medqa", "model.path=models/internlm-chat-7", "--gpu-memory",
+                 "8"]) == 2
+    err = capsys.readouterr().err
+    assert "model folder not found: models/internlm-chat-7" in err and "did you mean" in err
+    assert "lowtune download" not in err

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lowtune.errors import UserError, did_you_mean
 from lowtune.models.builtin import builtin_path, is_builtin
-from lowtune.runs import RunFolder, is_adapter_dir, is_run_folder
+from lowtune.runs import ADAPTER_CONFIG, RunFolder, is_adapter_dir, is_run_folder
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # `models/NAME` is the tutorial's download folder, never a hub id ("models" is no owner on either hub)
@@ -28,8 +28,10 @@ def is_hub_id(spec: str) -> bool:
 
 def missing_folder_error(spec: str) -> UserError:
     """A `models/NAME` folder that is not there yet: say how to download it."""
-    name = Path(spec).name
-    source = f"{TUTORIAL_MODELS[name]} --hub modelscope" if name in TUTORIAL_MODELS else "OWNER/NAME"
+    path = Path(spec)
+    if _close_sibling(path):  # a folder with a name like it is there: most likely a typo
+        return _missing_local_folder(path)
+    source = f"{TUTORIAL_MODELS[path.name]} --hub modelscope" if path.name in TUTORIAL_MODELS else "OWNER/NAME"
     return UserError(f"model folder not found: {spec} (relative to {Path.cwd()}); download it first: "
                      f"lowtune download {source} -o {spec}, or give another folder or hub id")
 
@@ -42,10 +44,7 @@ def resolve_model_dir(spec: str, hub: str = "auto", revision: str | None = None,
     path = Path(spec).expanduser()
     if path.is_dir():
         return _prepared(path, trust_remote_code)
-    if path.is_file():
-        raise UserError(f"{spec} is a file; give a model folder (config.json + weights), a hub id or builtin:tiny")
-    if is_hub_id(spec) and path.parent.is_dir() and path.parent != Path("."):
-        raise _missing_local_folder(path)
+    check_not_mistyped(spec)
     if is_hub_id(spec):
         from lowtune.models.download import download  # network only for hub ids
 
@@ -56,11 +55,34 @@ def resolve_model_dir(spec: str, hub: str = "auto", revision: str | None = None,
                     "(or builtin:tiny)")
 
 
+def check_not_mistyped(spec: str) -> None:
+    """A file, or `runs/medqaa` next to `runs/medqa`, is a local mistake: say so before any hub is asked."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        raise UserError(f"{spec} is a file; give a model folder (config.json + weights), a hub id or builtin:tiny")
+    if is_hub_id(spec) and _holds_models(path.parent):
+        raise _missing_local_folder(path)
+
+
+def _holds_models(folder: Path) -> bool:
+    """A local folder of models, runs or adapters (`runs/`, `merged/`), as opposed to a hub owner's name that
+    happens to exist here (a cloned repo, a hub cache)."""
+    markers = ("config.json", "config.yaml", ADAPTER_CONFIG)
+    return folder != Path(".") and folder.is_dir() and any(
+        (child / marker).is_file() for child in folder.iterdir() if child.is_dir() for marker in markers)
+
+
 def _missing_local_folder(path: Path) -> UserError:
     """`runs/medqaa` when `runs/` is here: a mistyped local path, not a hub id (the hubs would only fail later)."""
+    return UserError(f"model folder not found: {path} (relative to {Path.cwd()}){_close_sibling(path)}")
+
+
+def _close_sibling(path: Path) -> str:
+    """' (did you mean ...?)' naming a folder beside `path` with a similar name, else ''."""
+    if not path.parent.is_dir():
+        return ""
     siblings = [p.name for p in path.parent.iterdir() if p.is_dir()]
-    hint = did_you_mean(path.name, siblings, prefix=f"{path.parent}/")
-    return UserError(f"model folder not found: {path} (relative to {Path.cwd()}){hint}")
+    return did_you_mean(path.name, siblings, prefix=f"{path.parent}/")
 
 
 def _prepared(path: Path, trust_remote_code: bool) -> Path:

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 
 from lowtune.config import Config
 from lowtune.errors import UserError
-from lowtune.models.memory import GIB, MODE_SPEED, MemoryPlan, Shape, forecast, known_shape, speed_score
-from lowtune.models.resolve import LOCAL_FOLDER, is_hub_id, missing_folder_error, resolve_model_dir
+from lowtune.models.memory import GIB, MODE_SPEED, MemoryPlan, Shape, known_shape, plan_memory, speed_score
+from lowtune.models.resolve import (LOCAL_FOLDER, check_not_mistyped, is_hub_id, missing_folder_error,
+                                    resolve_model_dir)
 from lowtune.train.plan import USABLE_SHARE, fit_hint, gpu_capacity_bytes, memory_plan, rows_per_step
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ def _model(cfg: Config) -> tuple[Path | None, Shape]:
     """(folder, shape) of the model; a recipe's model that is not downloaded yet is planned from its published
     shape (no folder, so no data tokens)."""
     spec = cfg.model.path
+    check_not_mistyped(spec)
     if not Path(spec).is_dir() and (is_hub_id(spec) or spec.startswith(LOCAL_FOLDER)):
         shape = known_shape(spec)
         if shape is None and not is_hub_id(spec):
@@ -112,13 +114,15 @@ def estimate(cfg: Config, gpu_memory_gib: float | None, console: Console) -> int
                         f", {seq} tokens x {rows} rows per step, {name}", title_justify="left")
     for column in ("setting", "micro-batch", "optimizer", "peak GiB", "fits"):
         table.add_column(column)
+    micro = None if cfg.train.micro_batch == "auto" else cfg.train.micro_batch
     for optimizer in (["adamw", "paged_adamw_8bit"] if cfg.train.optimizer == "auto" else [cfg.train.optimizer]):
-        for checkpointing, offload in MODE_SPEED:
-            parts = forecast(shape, quantization=cfg.model.quantization, lora_r=lora_r, optimizer=optimizer,
-                             tokens=seq, checkpointing=checkpointing, offload=offload)
-            peak = sum(parts.values())
+        for checkpointing, offload in MODE_SPEED:  # each row: the fastest micro-batch of that setting that fits
+            row = plan_memory(shape, capacity_bytes=capacity, seq_len=seq, rows_per_step=rows,
+                              quantization=cfg.model.quantization, lora_r=lora_r, optimizer=optimizer,
+                              micro_batch=micro, checkpointing=checkpointing, offload=offload)
             label = "checkpointing + offload" if offload else ("checkpointing" if checkpointing else "none")
-            table.add_row(label, "1", optimizer, f"{peak / GIB:.2f}", "yes" if peak <= capacity else "no")
+            table.add_row(label, str(row.micro_batch), optimizer, f"{row.peak_bytes / GIB:.2f}",
+                          "yes" if row.fits else "no")
     console.print(table)
     console.print(plan.describe(), markup=False, soft_wrap=True)
     tokens = _data_tokens(cfg, model_dir) if model_dir is not None else None
