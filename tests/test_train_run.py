@@ -141,7 +141,11 @@ def test_existing_run_is_not_clobbered_and_plot_redraws(tmp_path, capsys):
     assert main(["train", str(cfg_path)]) == 2
     assert "--resume auto" in capsys.readouterr().err
     assert main(["train", str(cfg_path), "--resume", "auto", "train.max_steps=1"]) == 0
-    assert "step-2 is at step 2 and this config trains 1 steps: nothing left to train" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "step-2 is at step 2 and this config trains 1 steps: nothing left to train" in out
+    saved = tmp_path / "run" / "config.yaml"
+    assert f"settings that differ from {saved}: train.max_steps: 2 -> 1. To continue with the run's own " \
+           f"settings: lowtune train {saved} --resume auto" in out
     plot = tmp_path / "run" / "loss.png"
     plot.unlink()
     assert main(["plot", str(tmp_path / "run")]) == 0

@@ -297,3 +297,11 @@ def dump_config(cfg: Config) -> str:
     """The resolved config as YAML, every default visible, sections in the documented order."""
     data = cfg.model_dump(mode="json")
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=1000)
+
+
+def config_changes(old: Config, new: Config) -> list[str]:
+    """'section.key: old -> new' for every setting that differs (library versions aside)."""
+    before = old.model_dump(mode="json", exclude={"versions"})
+    after = new.model_dump(mode="json", exclude={"versions"})
+    return [f"{section}.{key}: {before[section][key]!r} -> {after[section][key]!r}"
+            for section in after for key in after[section] if before[section].get(key) != after[section][key]]

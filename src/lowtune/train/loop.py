@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lowtune.config import Config, check_combination, dump_config
+from lowtune.config import Config, check_combination, config_changes, dump_config
 from lowtune.data.dataset import TrainData, build_dataset
 from lowtune.errors import UserError, require
 from lowtune.models.load import (apply_lora, compute_dtype, count_parameters,
@@ -358,6 +358,7 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
     check_settings(cfg)
     run = RunFolder(Path(cfg.output.dir))
     checkpoint = find_resume(run, resume)
+    hf_logging.disable_progress_bar()  # our own bar is the one to watch (also over building builtin models)
     model_dir = resolve_model_dir(cfg.model.path, cfg.model.hub, cfg.model.revision, cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     template = resolve_template(cfg.model.template, tokenizer, model_dir)
@@ -369,7 +370,6 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
         total = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
         return _dry_run(console, cfg, model_dir, tokenizer, template, data, plan, total, run, device_plan)
 
-    hf_logging.disable_progress_bar()  # our own bar is the one to watch
     accelerator = make_accelerator(cfg)
     try:
         main = accelerator.is_main_process
@@ -384,6 +384,8 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
         if main:
             if checkpoint is None:
                 start_fresh(run, resume, overwrite)
+            else:
+                _note_changed_settings(run, cfg, console)
             write_run_header(run, cfg, model_dir, tokenizer, template)
         accelerator.wait_for_everyone()
 
@@ -419,6 +421,17 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
     finally:
         # a process group left to the interpreter's exit can abort a finished worker (gloo threads: SIGABRT)
         accelerator.end_training()
+
+
+def _note_changed_settings(run: RunFolder, cfg: Config, console: Console) -> None:
+    """Resuming with another config (a recipe name without the first run's overrides) is allowed, but said."""
+    if not run.config_path.is_file():
+        return
+    changes = config_changes(run.load_config(), cfg)
+    if changes:
+        shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
+        _say(console, f"note: resuming with settings that differ from {run.config_path}: {shown}. To continue with "
+                      f"the run's own settings: lowtune train {run.config_path} --resume auto")
 
 
 def _fit(cfg: Config, run: RunFolder, model: Any, tokenizer: Any, template: ChatTemplate, data: TrainData,
