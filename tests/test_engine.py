@@ -121,8 +121,13 @@ def test_locate_folder_tells_runs_adapters_and_models_apart(micro_dir, tmp_path)
     with pytest.raises(UserError, match="holds no model") as nothing:
         locate_folder(tmp_path / "empty")
     assert "\n" not in str(nothing.value)
-    with pytest.raises(UserError, match="is not a folder"):
+    with pytest.raises(UserError, match="missing: no such folder"):
         locate_folder(tmp_path / "missing")
+    with pytest.raises(UserError, match=r"no such folder .*\(did you mean '.*/empty'\?\)"):
+        locate_folder(tmp_path / "empt")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="is not a folder"):
+        locate_folder(tmp_path / "notes.txt")
 
 
 def test_plain_model_with_an_adapter_flag(micro_dir, identity_run):

@@ -169,6 +169,8 @@ def test_refusals(identity_run, micro_dir, tmp_path):
         merge(str(identity_run), taken)
     with pytest.raises(UserError, match="neither a run folder"):
         merge(str(micro_dir), tmp_path / "o")
+    with pytest.raises(UserError, match=r"tak: no such folder .*\(did you mean '.*/taken'\?\)"):
+        merge(str(tmp_path / "tak"), tmp_path / "o")
     full = copy_run(identity_run, tmp_path / "full")
     shutil.rmtree(full / "adapter")
     shutil.copytree(micro_dir, full / "model")

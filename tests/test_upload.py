@@ -153,7 +153,7 @@ def test_bad_arguments_name_the_fix(hub, merged, tmp_path, capsys):
     assert main(["upload", str(merged), "--to", "hf", "--repo", "no-owner", "--dry-run"]) == 2
     assert "--repo 'no-owner' must look like owner/name" in capsys.readouterr().err
     assert main(["upload", str(tmp_path / "missing"), "--to", "hf", "--repo", "me/x", "--dry-run"]) == 2
-    assert "is not a folder" in capsys.readouterr().err
+    assert "missing: no such folder" in capsys.readouterr().err
 
 
 def test_cards_are_completed_not_replaced(hub, merged, capsys):

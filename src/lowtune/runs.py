@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowtune.config import Config, build_config, parse_yaml
-from lowtune.errors import UserError
+from lowtune.errors import UserError, did_you_mean
 
 CHECKPOINT_PREFIX = "step-"
 COMPLETE_MARKER = "COMPLETE"  # written last inside a checkpoint: its absence means "never resume from here"
@@ -162,12 +162,26 @@ class Located:
     """The weights folder when it carries its own tokenizer."""
 
 
+def close_folder_hint(path: Path) -> str:
+    """' (did you mean ...?)' naming a folder beside `path` with a similar name, else ''."""
+    if not path.parent.is_dir():
+        return ""
+    siblings = [p.name for p in path.parent.iterdir() if p.is_dir()]
+    return did_you_mean(path.name, siblings, prefix="" if path.parent == Path(".") else f"{path.parent}/")
+
+
+def missing_folder(path: Path) -> UserError:
+    return UserError(f"{path}: no such folder (relative to {Path.cwd()}){close_folder_hint(path)}")
+
+
 def locate_folder(path: Path, weights: Path | None = None) -> Located:
     """Classify a run folder, PEFT adapter folder or model folder and gather what it holds.
 
     A run's weights are adapter/ or model/, else the newest complete checkpoint's; `weights` replaces them.
     An adapter or model folder inside a run (run/adapter, run/checkpoints/step-N/...) carries that run's facts.
     """
+    if not path.exists():
+        raise missing_folder(path)
     if not path.is_dir():
         raise UserError(f"{path} is not a folder; give a model folder, an adapter folder or a run folder")
     if is_run_folder(path):

@@ -23,8 +23,8 @@ from lowtune.errors import UserError
 from lowtune.export.card import card_for_run, write_card, write_modelscope_configuration
 from lowtune.models.load import load_model
 from lowtune.models.resolve import resolve_model_dir
-from lowtune.runs import (ADAPTER_CONFIG, Located, is_adapter_dir, is_run_folder, locate_folder, publish_dir,
-                          read_adapter_config, read_stop_ids)
+from lowtune.runs import (ADAPTER_CONFIG, Located, is_adapter_dir, is_run_folder, locate_folder, missing_folder,
+                          publish_dir, read_adapter_config, read_stop_ids)
 from lowtune.templates import FAMILY_TEMPLATES, STOP_WORDS, ChatTemplate, resolve_template
 
 if TYPE_CHECKING:
@@ -50,6 +50,8 @@ class MergeResult:
 def find_source(target: str, base: str | None = None) -> Located:
     """RUN or ADAPTER -> the adapter folder, its base model spec (`base` wins), the run's config/template/stop ids."""
     path = Path(target).expanduser()
+    if not path.exists():
+        raise missing_folder(path)
     if not (is_run_folder(path) or is_adapter_dir(path)):
         raise UserError(f"{target} is neither a run folder (config.yaml) nor a PEFT adapter folder "
                         f"({ADAPTER_CONFIG}); give one of them")
