@@ -183,6 +183,8 @@ def test_csv_and_xlsx_with_maps_and_missing_cells(tmp_path):
         read(tmp_path / "qa.csv", mapping={"input": "Question", "output": "Answr"})
     with pytest.raises(UserError, match="--map 'output'"):
         parse_mapping(["output"])
+    with pytest.raises(UserError, match=r"--format alpaca does not apply to a spreadsheet \(qa.csv\).*drop --format"):
+        read(tmp_path / "qa.csv", "alpaca", mapping=parse_mapping(["input=Question", "output=Answer"]))
 
 
 @pytest.mark.skipif(not MEDQA.is_file(), reason="the real MedQA workbook is not present")

@@ -352,6 +352,9 @@ def read_conversations(path: str | Path, fmt: str = "auto", report: ReadReport |
         raise UserError(f"unknown data format '{fmt}'; choose one of: {', '.join(FORMATS)}")
     report = report if report is not None else ReadReport()
     label = "spreadsheet" if Path(path).suffix.lower() in SPREADSHEET_SUFFIXES else None
+    if label and fmt not in ("auto", "messages"):
+        raise UserError(f"--format {fmt} does not apply to a spreadsheet ({Path(path).name}): each row becomes one "
+                        "conversation from its --map columns (input=COL output=COL); drop --format")
     for where, record in iter_records(Path(path), sheet, mapping, system):
         report.read += 1
         try:
