@@ -228,10 +228,20 @@ def share_like_open(path: Path) -> None:
 
     mkstemp, mkdtemp and safetensors make 0600/0700 ones, which other users, a container or a web server cannot read.
     """
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = _umask()
     for item in [path, *path.rglob("*")] if path.is_dir() else [path]:
         item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (os.umask sets it for every thread)."""
+    try:
+        status = Path("/proc/self/status").read_text(encoding="ascii")
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
