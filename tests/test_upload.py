@@ -149,6 +149,17 @@ def test_openxlab_writes_the_metafile_and_prints_the_steps(hub, merged, capsys):
     assert hub.requests == []
 
 
+def test_an_unreachable_hub_leaves_the_folder_as_it_was(hub, identity_run, tmp_path, capsys, monkeypatch):
+    from fakes.loopback import free_port
+
+    run = copy_run(identity_run, tmp_path / "identity")
+    before = {p.name: p.read_bytes() for p in (run / "adapter").iterdir() if p.is_file()}
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    assert main(["upload", str(run), "--to", "modelscope", "--repo", "me/x", "--token", TOKEN]) == 2
+    assert "nothing was written or uploaded" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (run / "adapter").iterdir() if p.is_file()} == before
+
+
 def test_bad_arguments_name_the_fix(hub, merged, tmp_path, capsys):
     assert main(["upload", str(merged), "--to", "hf", "--repo", "no-owner", "--dry-run"]) == 2
     assert "--repo 'no-owner' must look like owner/name" in capsys.readouterr().err

@@ -26,7 +26,7 @@ import yaml
 
 from lowtune.errors import UserError, require
 from lowtune.export.card import MODELSCOPE_CONFIGURATION, CardInfo, card_for_run, hub_id_or_none, read_front_matter
-from lowtune.models.download import is_offline
+from lowtune.models.download import answers, is_offline
 from lowtune.models.resolve import HUB_ID
 from lowtune.runs import FULL_MODEL_DIR, Located, is_run_folder, locate_folder
 
@@ -232,12 +232,20 @@ def write_generated(plan: UploadPlan) -> None:
 
 # --- Hugging Face -------------------------------------------------------------------------------------------------
 
+def check_hub_ready(plan: UploadPlan) -> None:
+    """What would stop the upload and can be known before the card is written into the folder."""
+    if plan.to == "hf" and is_offline():
+        raise UserError("HF_HUB_OFFLINE=1 is set, which blocks every upload; unset it for this command")
+    if not answers(plan.endpoint):
+        setting = "HF_ENDPOINT" if plan.to == "hf" else "MODELSCOPE_DOMAIN"
+        raise UserError(f"cannot reach {plan.endpoint}: nothing was written or uploaded; check the network or "
+                        f"{setting}")
+
+
 def upload_hf(plan: UploadPlan, token: str | None) -> str:
     hub = require("huggingface_hub", "hub", "upload to Hugging Face")
     from huggingface_hub.errors import HfHubHTTPError
 
-    if is_offline():
-        raise UserError("HF_HUB_OFFLINE=1 is set, which blocks every upload; unset it for this command")
     token = token or hub.get_token()
     if not token:
         raise UserError(f"no Hugging Face token: {LOGIN_HINT['Hugging Face']}")
@@ -347,6 +355,8 @@ def upload(target: str | Path, to: str, repo: str, private: bool = False, token:
     print(describe(plan, dry_run), flush=True)
     if dry_run:
         return "dry run: nothing was written or uploaded"
+    if to != "openxlab":
+        check_hub_ready(plan)
     write_generated(plan)
     if to == "openxlab":
         return openxlab_steps(plan)

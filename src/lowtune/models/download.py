@@ -50,7 +50,12 @@ def endpoint(hub: str) -> str:
 
 def reachable(hub: str, timeout: float = 3.0) -> bool:
     """True when the hub's endpoint answers HTTP at all (any status counts: the server is there)."""
-    request = urllib.request.Request(endpoint(hub), method="HEAD", headers={"User-Agent": "lowtune"})
+    return answers(endpoint(hub), timeout)
+
+
+def answers(url: str, timeout: float = 3.0) -> bool:
+    """True when `url` answers HTTP at all (any status counts)."""
+    request = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "lowtune"})
     try:
         urllib.request.urlopen(request, timeout=timeout).close()  # noqa: S310 - a configured hub URL
         return True
