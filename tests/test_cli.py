@@ -65,3 +65,13 @@ def test_doctor_says_which_fast_path_a_gpu_gets(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args: (6, 1))
     assert fast_path_summary() == ("padded rows (varlen attention needs torch 2.10+ and an Ampere or newer GPU); "
                                    "eager layers (torch.compile needs compute capability 7.0+)")
+
+
+def test_doctor_says_whether_the_tutorial_run_fits_this_gpu():
+    from lowtune.doctor import tutorial_fit
+
+    eight_gib = tutorial_fit("NVIDIA H200", capacity=int(0.8 * 8 * 2**30))  # an 8 GiB card's usable share
+    assert eight_gib.startswith("internlm-chat-7b-qlora-medqa fits: micro-batch 1, checkpointing + offload")
+    assert "about 4," in eight_gib  # measured 4,673 tok/s for this plan (bench/RESULTS.md)
+    assert "does not fit (forecast peak 5.9 of 3.2 GiB usable): try " in tutorial_fit("GPU", int(0.8 * 4 * 2**30))
+    assert "tokens/s" not in tutorial_fit("Some Unknown GPU", int(0.8 * 8 * 2**30))  # no guess without a rate

@@ -20,6 +20,7 @@ PACKAGES = [  # (distribution, extra that installs it or "" for core)
     ("gradio", "web"), ("fastapi", "serve"), ("uvicorn", "serve"), ("modelscope", "hub"), ("pandas", "xlsx"),
     ("openpyxl", "xlsx"), ("datasets", "datasets"), ("tensorboard", "tensorboard"),
 ]
+TUTORIAL_RECIPE = "internlm-chat-7b-qlora-medqa"
 ENV_VARS = ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "HF_HOME",
             "MODELSCOPE_CACHE", "MODELSCOPE_DOMAIN", "CUDA_VISIBLE_DEVICES", "LOWTUNE_HOME"]
 
@@ -47,6 +48,7 @@ def device_rows() -> list[tuple[str, str]]:
             rows.append((f"cuda:{i}", f"{props.name}, {total / 2**30:.1f} GiB ({free / 2**30:.1f} free), "
                                       f"sm_{props.major}{props.minor}, {bf16}"))
         rows.append(("fast path", fast_path_summary()))
+        rows.append(("tutorial run", tutorial_fit(torch.cuda.get_device_name(0))))
     else:
         rows.append(("GPU", f"none: CPU only ({os.cpu_count()} cores); tiny models and the demo run here"))
     return rows
@@ -61,6 +63,18 @@ def fast_path_summary() -> str:
         "padded rows (varlen attention needs torch 2.10+ and an Ampere or newer GPU)"
     layers = "compiled layers" if triton_supported() else "eager layers (torch.compile needs compute capability 7.0+)"
     return f"{rows}; {layers}"
+
+
+def tutorial_fit(gpu_name: str, capacity: int | None = None) -> str:
+    """Whether the tutorial's recipe (QLoRA InternLM-Chat-7B on MedQA, 2048 tokens) trains on this GPU."""
+    from lowtune.config import load_config
+    from lowtune.models.memory import KNOWN_SHAPES
+    from lowtune.train.estimate import fit_summary
+    from lowtune.train.plan import gpu_capacity_bytes
+
+    capacity = gpu_capacity_bytes() if capacity is None else capacity
+    summary = fit_summary(load_config(TUTORIAL_RECIPE), KNOWN_SHAPES["internlm-chat-7b"], capacity, gpu_name)
+    return f"{TUTORIAL_RECIPE} {summary}"
 
 
 def quant_selftest() -> str:

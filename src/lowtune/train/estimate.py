@@ -38,6 +38,26 @@ def mfu(plan: MemoryPlan, seq: int) -> float:
     return MODE_MFU[mode] * speed_score(plan.micro_batch * seq, *mode) / speed_score(MFU_TOKENS[mode], *mode)
 
 
+def tokens_per_second(plan: MemoryPlan, shape: Shape, seq: int, gpu_name: str, full: bool) -> float | None:
+    """Forecast training speed of this plan on a GPU of that name; None for a GPU the table does not know."""
+    tflops = _tflops(gpu_name)
+    return mfu(plan, seq) * tflops * 1e12 / shape.flops_per_token(seq, full=full) if tflops else None
+
+
+def fit_summary(cfg: Config, shape: Shape, capacity: int, gpu_name: str) -> str:
+    """One line: whether the config trains in `capacity` bytes, with what plan and at about what speed."""
+    seq = cfg.data.max_length or 2048
+    plan = memory_plan(cfg, shape, seq, capacity)
+    peak = f"forecast peak {plan.peak_bytes / GIB:.1f} of {capacity / GIB:.1f} GiB usable"
+    if not plan.fits:
+        return f"does not fit ({peak}): {fit_hint(cfg)}"
+    mode = "checkpointing + offload" if plan.offload else ("checkpointing" if plan.checkpointing else
+                                                          "no checkpointing")
+    rate = tokens_per_second(plan, shape, seq, gpu_name, full=not cfg.lora.enabled)
+    return (f"fits: micro-batch {plan.micro_batch}, {mode}, {plan.optimizer}, {peak}"
+            + (f", about {rate:,.0f} tokens/s" if rate else ""))
+
+
 def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{max(1, round(seconds / 60))} min"
 
@@ -126,9 +146,8 @@ def estimate(cfg: Config, gpu_memory_gib: float | None, console: Console) -> int
     console.print(table)
     console.print(plan.describe(), markup=False, soft_wrap=True)
     tokens = _data_tokens(cfg, model_dir) if model_dir is not None else None
-    tflops = _tflops(name)
-    if tflops and plan.fits:
-        rate = mfu(plan, seq) * tflops * 1e12 / shape.flops_per_token(seq, full=lora_r is None)
+    rate = tokens_per_second(plan, shape, seq, name, full=lora_r is None)
+    if rate and plan.fits:
         line = f"speed forecast: about {rate:,.0f} tokens/s"
         if tokens:
             epochs = cfg.train.epochs if not cfg.train.max_steps else None
