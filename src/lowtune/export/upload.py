@@ -16,7 +16,6 @@ printed.
 from __future__ import annotations
 
 import fnmatch
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,15 +25,13 @@ import yaml
 
 from lowtune.errors import UserError, require
 from lowtune.export.card import MODELSCOPE_CONFIGURATION, CardInfo, card_for_run, hub_id_or_none, read_front_matter
-from lowtune.models.download import answers, is_offline
+from lowtune.models.download import answers, endpoint, is_offline
 from lowtune.models.resolve import HUB_ID
 from lowtune.runs import FULL_MODEL_DIR, Located, is_run_folder, locate_folder
 
 TARGETS = ("hf", "modelscope", "openxlab")
 IGNORED = (".git", ".git/*", ".cache/*", ".cache", "__pycache__/*", "*.pyc", ".ms_upload_cache/*", ".DS_Store",
            "*.tmp", ".*.tmp-*", ".*.tmp-*/*")
-HF_DEFAULT_ENDPOINT = "https://huggingface.co"
-MS_DEFAULT_ENDPOINT = "https://www.modelscope.cn"
 METAFILE = "metafile.yml"
 FRONT_MATTER = re.compile(r"^---\s*\n(.*?)\n---\s*(?:\n|$)", re.S)
 
@@ -161,14 +158,7 @@ def folder_files(folder: Path) -> list[tuple[str, int]]:
 
 
 def endpoint_for(to: str) -> str:
-    if to == "hf":
-        return (os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT).rstrip("/")
-    if to == "modelscope":
-        domain = os.environ.get("MODELSCOPE_DOMAIN", "").strip()
-        if domain and not domain.startswith("http"):
-            domain = f"https://{domain}"
-        return (os.environ.get("MODELSCOPE_ENDPOINT") or domain or MS_DEFAULT_ENDPOINT).rstrip("/")
-    return "https://openxlab.org.cn"
+    return endpoint(to) if to in ("hf", "modelscope") else "https://openxlab.org.cn"
 
 
 def make_plan(target: str | Path, to: str, repo: str, private: bool = False) -> UploadPlan:
@@ -230,8 +220,6 @@ def write_generated(plan: UploadPlan) -> None:
         (plan.pub.weights / name).write_text(text, encoding="utf-8")
 
 
-# --- Hugging Face -------------------------------------------------------------------------------------------------
-
 def check_hub_ready(plan: UploadPlan) -> None:
     """What would stop the upload and can be known before the card is written into the folder."""
     if plan.to == "hf" and is_offline():
@@ -241,6 +229,8 @@ def check_hub_ready(plan: UploadPlan) -> None:
         raise UserError(f"cannot reach {plan.endpoint}: nothing was written or uploaded; check the network or "
                         f"{setting}")
 
+
+# --- Hugging Face -------------------------------------------------------------------------------------------------
 
 def upload_hf(plan: UploadPlan, token: str | None) -> str:
     hub = require("huggingface_hub", "hub", "upload to Hugging Face")
@@ -355,10 +345,10 @@ def upload(target: str | Path, to: str, repo: str, private: bool = False, token:
     print(describe(plan, dry_run), flush=True)
     if dry_run:
         return "dry run: nothing was written or uploaded"
-    if to != "openxlab":
-        check_hub_ready(plan)
-    write_generated(plan)
     if to == "openxlab":
+        write_generated(plan)
         return openxlab_steps(plan)
+    check_hub_ready(plan)
+    write_generated(plan)
     where = upload_hf(plan, token) if to == "hf" else upload_modelscope(plan, token)
     return f"uploaded {len(plan.files)} files to {where}"
