@@ -162,16 +162,16 @@ class Located:
     """The weights folder when it carries its own tokenizer."""
 
 
-def close_folder_hint(path: Path) -> str:
-    """' (did you mean ...?)' naming a folder beside `path` with a similar name, else ''."""
+def close_name_hint(path: Path, folders_only: bool = True) -> str:
+    """' (did you mean ...?)' naming a folder (or any entry) beside `path` with a similar name, else ''."""
     if not path.parent.is_dir():
         return ""
-    siblings = [p.name for p in path.parent.iterdir() if p.is_dir()]
+    siblings = [p.name for p in path.parent.iterdir() if p.is_dir() or not folders_only]
     return did_you_mean(path.name, siblings, prefix="" if path.parent == Path(".") else f"{path.parent}/")
 
 
 def missing_folder(path: Path) -> UserError:
-    return UserError(f"{path}: no such folder (relative to {Path.cwd()}){close_folder_hint(path)}")
+    return UserError(f"{path}: no such folder (relative to {Path.cwd()}){close_name_hint(path)}")
 
 
 def locate_folder(path: Path, weights: Path | None = None) -> Located:

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowtune.errors import UserError, did_you_mean
-from lowtune.runs import share_like_open
+from lowtune.errors import UserError
+from lowtune.runs import close_name_hint, share_like_open
 
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -315,13 +315,7 @@ def _text_records(path: Path) -> Iterator[tuple[str, Any]]:
 
 def missing_dataset(path: Path) -> UserError:
     """'dataset not found', with the closest file name in the same folder (a typo is the usual cause)."""
-    folder = Path(path).parent
-    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
-    return UserError(f"dataset not found: {path}{did_you_mean(Path(path).name, names, prefix=_prefix(folder))}")
-
-
-def _prefix(folder: Path) -> str:
-    return "" if folder == Path(".") else f"{folder}/"
+    return UserError(f"dataset not found: {path}{close_name_hint(Path(path), folders_only=False)}")
 
 
 def iter_records(path: Path, sheet: str | None = None, mapping: dict[str, str] | None = None,

@@ -22,7 +22,7 @@ from lowtune.data.formats import ReadReport
 from lowtune.errors import UserError
 from lowtune.generation import Sampling
 from lowtune.infer.engine import ChatEngine
-from lowtune.runs import RunFolder, atomic_write_text, close_folder_hint, missing_folder
+from lowtune.runs import RunFolder, atomic_write_text, close_name_hint, missing_folder
 
 TOKENS_PER_BATCH = 4096
 """Padded tokens per forward pass: bounds the fp32 logits (tokens × vocab) kept for the loss."""
@@ -176,7 +176,7 @@ def eval_output_path(target: str, output: str | None) -> Path:
         return Path(output)
     if (Path(target) / "config.yaml").is_file():
         return RunFolder(Path(target)).eval_path
-    if not Path(target).exists() and close_folder_hint(Path(target)):
+    if not Path(target).exists() and close_name_hint(Path(target)):
         raise missing_folder(Path(target))
     raise UserError(f"{target} is not a run folder, so there is no place for eval.json; give -o FILE")
 

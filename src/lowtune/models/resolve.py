@@ -12,7 +12,7 @@ from pathlib import Path
 
 from lowtune.errors import UserError
 from lowtune.models.builtin import builtin_path, is_builtin
-from lowtune.runs import ADAPTER_CONFIG, RunFolder, close_folder_hint, is_adapter_dir, is_run_folder
+from lowtune.runs import ADAPTER_CONFIG, RunFolder, close_name_hint, is_adapter_dir, is_run_folder
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # `models/NAME` is the tutorial's download folder, never a hub id ("models" is no owner on either hub)
@@ -29,7 +29,7 @@ def is_hub_id(spec: str) -> bool:
 def missing_folder_error(spec: str) -> UserError:
     """A `models/NAME` folder that is not there yet: say how to download it."""
     path = Path(spec)
-    if close_folder_hint(path):  # a folder with a name like it is there: most likely a typo
+    if close_name_hint(path):  # a folder with a name like it is there: most likely a typo
         return _missing_local_folder(path)
     source = f"{TUTORIAL_MODELS[path.name]} --hub modelscope" if path.name in TUTORIAL_MODELS else "OWNER/NAME"
     return UserError(f"model folder not found: {spec} (relative to {Path.cwd()}); download it first: "
@@ -74,7 +74,7 @@ def _holds_models(folder: Path) -> bool:
 
 def _missing_local_folder(path: Path) -> UserError:
     """`runs/medqaa` when `runs/` is here: a mistyped local path, not a hub id (the hubs would only fail later)."""
-    return UserError(f"model folder not found: {path} (relative to {Path.cwd()}){close_folder_hint(path)}")
+    return UserError(f"model folder not found: {path} (relative to {Path.cwd()}){close_name_hint(path)}")
 
 
 def _prepared(path: Path, trust_remote_code: bool) -> Path:
