@@ -22,7 +22,7 @@ from lowtune.data.formats import ReadReport
 from lowtune.errors import UserError
 from lowtune.generation import Sampling
 from lowtune.infer.engine import ChatEngine
-from lowtune.runs import RunFolder, atomic_write_text, close_name_hint, missing_folder
+from lowtune.runs import RunFolder, atomic_write_text, close_name_hint, is_run_folder, missing_folder
 
 TOKENS_PER_BATCH = 4096
 """Padded tokens per forward pass: bounds the fp32 logits (tokens × vocab) kept for the loss."""
@@ -174,7 +174,7 @@ def eval_output_path(target: str, output: str | None) -> Path:
     """-o, else eval.json in the run folder; a model folder needs -o."""
     if output:
         return Path(output)
-    if (Path(target) / "config.yaml").is_file():
+    if is_run_folder(Path(target)):
         return RunFolder(Path(target)).eval_path
     if not Path(target).exists() and close_name_hint(Path(target)):
         raise missing_folder(Path(target))
