@@ -71,6 +71,10 @@ def known_shape(spec: str) -> Shape | None:
     return KNOWN_SHAPES.get(spec.rstrip("/").rsplit("/", 1)[-1].lower())
 
 
+def mode_name(checkpointing: bool, offload: bool) -> str:
+    return "checkpointing + CPU offload" if offload else ("checkpointing" if checkpointing else "no checkpointing")
+
+
 @dataclass
 class MemoryPlan:
     micro_batch: int
@@ -88,8 +92,7 @@ class MemoryPlan:
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in self.breakdown.items())
-        mode = "checkpointing + CPU offload" if self.offload else ("checkpointing" if self.checkpointing else
-                                                                   "no checkpointing")
+        mode = mode_name(self.checkpointing, self.offload)
         return (f"memory plan: micro-batch {self.micro_batch} x accumulation {self.grad_accum}, {mode}, "
                 f"optimizer {self.optimizer}; forecast peak {self.peak_bytes / GIB:.2f} GiB of "
                 f"{self.capacity_bytes / GIB:.1f} GiB ({parts} GiB)")

@@ -17,7 +17,7 @@ from typing import Any
 
 from lowtune.config import Config
 from lowtune.errors import UserError
-from lowtune.models.memory import GIB, MemoryPlan, Shape, plan_memory
+from lowtune.models.memory import GIB, MemoryPlan, Shape, mode_name, plan_memory
 
 USABLE_SHARE = 0.8  # of free GPU memory: leaves room for the CUDA context, fragmentation and other processes
 
@@ -39,8 +39,7 @@ class DevicePlan:
     """What to change when the forecast does not fit."""
 
     def describe(self) -> str:
-        mode = "checkpointing + CPU offload" if self.offload else (
-            "checkpointing" if self.checkpointing else "no checkpointing")
+        mode = mode_name(self.checkpointing, self.offload)
         extras = [self.attention] + (["compiled layers"] if self.compile else []) + (
             ["padding-free batches"] if self.flat_batches else [])
         text = (f"device plan: micro-batch {self.micro_batch} x accumulation {self.grad_accum}, {mode}, "
