@@ -66,20 +66,28 @@ def install_weight_hooks(accelerator: Accelerator) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
-    """Trained weights of a checkpoint (adapter/ or model/) into an already built model."""
+def _model_shards(checkpoint: Path) -> list[Path]:
+    return sorted((checkpoint / FULL_MODEL_DIR).glob("*.safetensors"))
+
+
+def _read_tensors(files: list[Path]) -> dict:
     from safetensors.torch import load_file
 
+    tensors: dict = {}
+    for file in files:
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+def load_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Trained weights of a checkpoint (adapter/ or model/) into an already built model."""
     if is_peft(model):
         from peft import set_peft_model_state_dict
         from peft.utils import load_peft_weights
 
         set_peft_model_state_dict(model, load_peft_weights(str(checkpoint / ADAPTER_DIR), device="cpu"))
         return
-    state: dict = {}
-    for shard in sorted((checkpoint / FULL_MODEL_DIR).glob("*.safetensors")):
-        state.update(load_file(shard))
-    result = model.load_state_dict(state, strict=False)
+    result = model.load_state_dict(_read_tensors(_model_shards(checkpoint)), strict=False)
     tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(dict(model.named_parameters()))
     if result.unexpected_keys or set(result.missing_keys) - tied:
         raise UserError(f"{checkpoint}: the saved model does not match this model "
@@ -183,15 +191,13 @@ def _load_sharded(model: Any, optimizer: Any, checkpoint: Path, is_main_process:
     tensors and the shards are filled from it."""
     import torch
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     from lowtune.train.shard import OPTIMIZER_FILE, TRAINABLE_FILE, load_full_state
 
     if not (checkpoint / OPTIMIZER_FILE).is_file():
         raise UserError(f"{checkpoint}: not written by a train.distributed=fsdp run; resume it with the "
                         "train.distributed it was trained with")
-    files = [checkpoint / TRAINABLE_FILE] if is_peft(model) else \
-        sorted((checkpoint / FULL_MODEL_DIR).glob("*.safetensors"))
+    files = [checkpoint / TRAINABLE_FILE] if is_peft(model) else _model_shards(checkpoint)
     saved: set[str] = set()
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
@@ -200,9 +206,6 @@ def _load_sharded(model: Any, optimizer: Any, checkpoint: Path, is_main_process:
     if missing:
         raise UserError(f"{checkpoint}: the saved weights do not match this model (missing {missing[:3]}); "
                         "resume with the same model.path and lora settings")
-    weights: dict = {}
-    if is_main_process:
-        for file in files:
-            weights.update(load_file(str(file)))
+    weights = _read_tensors(files) if is_main_process else {}
     optimizer_state = torch.load(checkpoint / OPTIMIZER_FILE, weights_only=False) if is_main_process else {}
     load_full_state(model, optimizer, weights, optimizer_state)
