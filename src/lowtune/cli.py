@@ -176,9 +176,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     engine = load_engine(args.target, adapter=args.adapter, bits=args.bits, template=args.template,
                          system=args.system)
     report = evaluate(engine, args.data, args.n, make_sampling(args.max_new_tokens), args.max_length,
-                      with_base=not args.no_base)
+                      with_base=not args.no_base, identity=args.identity, retention=args.retention)
     write_report(report, path)
-    show_report(report, path)
+    show_report(report, path, shown=args.show)
     return 0
 
 
@@ -380,10 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "or https://google.serper.dev)")
     p.add_argument("--python-timeout", type=float, default=10.0, help="agent: seconds per Python run (default 10)")
 
-    p = verb("eval", cmd_eval, "loss / perplexity and sample answers on a test split (writes RUN/eval.json)")
+    p = verb("eval", cmd_eval, "tuned vs base: loss, ROUGE-L / BLEU-4, identity hit rate, retention (RUN/eval.json)")
     p.add_argument("target", metavar="RUN", help="run folder (or a model folder with -o)")
-    p.add_argument("--data", required=True, metavar="FILE", help="test split, any supported data format")
-    p.add_argument("-n", type=int, default=5, help="sample answers shown beside their references (default 5)")
+    p.add_argument("--data", metavar="FILE", help="test split, any supported data format: loss, ROUGE-L, BLEU-4")
+    p.add_argument("--identity", metavar="NAME", help="share of held-out identity questions answered with NAME")
+    p.add_argument("--retention", action="store_true",
+                   help="share of the base model's correct answers to built-in factual questions that the tuned "
+                        "model keeps")
+    p.add_argument("-n", type=int, default=50, help="test questions answered and scored (default 50)")
+    p.add_argument("--show", type=int, default=5, help="sample answers shown beside their references (default 5)")
     p.add_argument("-o", "--output", metavar="FILE", help="report file (default RUN/eval.json)")
     p.add_argument("--adapter", metavar="PATH", help="PEFT adapter to put on the model")
     p.add_argument("--bits", type=int, choices=[4, 8], help="load the base in 4-bit (NF4) or 8-bit")
@@ -391,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt for conversations without one (default: the run's)")
     p.add_argument("--max-length", type=int, help="truncate conversations (default: the run's data.max_length)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="sample answer length limit (default 256)")
-    p.add_argument("--no-base", action="store_true", help="skip the base model's loss")
+    p.add_argument("--no-base", action="store_true", help="skip the base model's loss and answers")
 
     p = verb("web", cmd_web, "browser chat (Gradio) with system prompt and sampling controls; local only")
     p.add_argument("--trust-remote-code", action="store_true",

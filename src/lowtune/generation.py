@@ -102,3 +102,43 @@ def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template:
            messages: list[dict], sampling: Sampling | None = None) -> str:
     """The whole answer as one string (greedy by default)."""
     return "".join(stream_answer(model, tokenizer, template, messages, sampling)).strip()
+
+
+def answer_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
+                 conversations: list[list[dict]], sampling: Sampling | None = None,
+                 extra_stop_ids: list[int] | None = None, batch_size: int = 16) -> list[str]:
+    """Answers to many conversations, `batch_size` prompts per `generate` call (left-padded), in input order.
+
+    The prompts are the same ids `stream_answer` builds; prompts of similar length share a batch to keep padding
+    small. Each answer ends at its first stop id.
+    """
+    import torch
+
+    sampling = sampling or Sampling()
+    stop_ids = template.stop_token_ids(tokenizer) + [i for i in extra_stop_ids or [] if i is not None]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+    prompts = [template.encode_prompt(messages, tokenizer) for messages in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    device = next(model.parameters()).device
+    answers: list[str] = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            width = max(len(prompts[i]) for i in chunk)
+            ids = torch.tensor([[pad_id] * (width - len(prompts[i])) + prompts[i] for i in chunk], device=device)
+            mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk],
+                                device=device)
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=stop_ids, pad_token_id=pad_id,
+                                     use_cache=True, **sampling.generate_kwargs())
+            for i, row in zip(chunk, out[:, width:].tolist()):
+                cut = next((k for k, tid in enumerate(row) if tid in stop_ids), len(row))
+                answers[i] = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
+    finally:
+        if was_training:
+            model.train()
+    return answers

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowtune.errors import UserError
-from lowtune.generation import Sampling, stream_answer
+from lowtune.generation import Sampling, answer_batch, stream_answer
 from lowtune.models.builtin import is_builtin
 from lowtune.models.load import load_model, load_tokenizer
 from lowtune.models.resolve import is_hub_id, resolve_model_dir
@@ -82,7 +82,7 @@ def _trained(path: Path, adapter: str | None, base: str | None) -> Located:
         raise UserError(f"{path} has no trained weights yet (no adapter/ and no complete checkpoint); "
                         f"train it first or pass --adapter PATH")
     spec = base or found.base_spec
-    if found.run is None and (not spec or not (is_builtin(spec) or Path(spec).is_dir() or is_hub_id(spec))):
+    if found.run is None and (not spec or not (is_builtin(spec) or Path(spec).exists() or is_hub_id(spec))):
         raise UserError(f"the base model of adapter {path} was not found "
                         f"(adapter_config.json names '{spec or ''}'); give --base PATH")
     return found
@@ -213,6 +213,14 @@ class ChatEngine:
 
     def answer(self, messages: list[dict], sampling: Sampling | None = None, adapter: bool = True) -> str:
         return "".join(self.stream(messages, sampling, adapter=adapter)).strip()
+
+    def answer_many(self, conversations: list[list[dict]], sampling: Sampling | None = None,
+                    adapter: bool = True, batch_size: int = 16) -> list[str]:
+        """Answers to many conversations at once (batched generation), in order; for eval and replay."""
+        conversations = [self.with_system(messages) for messages in conversations]
+        with self._lock, self._adapter_state(adapter):
+            return answer_batch(self.model, self.tokenizer, self.template, conversations, sampling, self.stop_ids,
+                                batch_size)
 
     @contextmanager
     def without_adapter(self) -> Iterator[ChatEngine]:
