@@ -1,8 +1,10 @@
-"""MODEL specs -> a local HF model folder: `builtin:NAME`, a local folder (never touches the network), or a hub id.
+"""MODEL specs -> a local HF model folder: `builtin:NAME`, a local folder (never touches the network), a GGUF file,
+or a hub id.
 
 Whatever the spec, the folder returned loads with plain `AutoModelForCausalLM.from_pretrained` and
 `AutoTokenizer.from_pretrained`: remote-code families with an exact native mapping come back as their cached native
-conversion (models/families), the others only with `trust_remote_code=True`.
+conversion (models/families), the others only with `trust_remote_code=True`; a `.gguf` file, or a folder holding one
+and no config.json, comes back as its cached native conversion (models/gguf).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from lowtune.errors import UserError
 from lowtune.models.builtin import builtin_path, is_builtin
+from lowtune.models.gguf import gguf_in_folder, is_gguf_file, is_gguf_name, native_gguf_folder
 from lowtune.runs import ADAPTER_CONFIG, RunFolder, close_name_hint, is_adapter_dir, is_run_folder
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -23,7 +26,7 @@ TUTORIAL_MODELS = {"internlm-chat-7b": "Shanghai_AI_Laboratory/internlm-chat-7b"
 
 
 def is_hub_id(spec: str) -> bool:
-    return bool(HUB_ID.match(spec)) and not spec.startswith((".", "/", LOCAL_FOLDER))
+    return bool(HUB_ID.match(spec)) and not spec.startswith((".", "/", LOCAL_FOLDER)) and not is_gguf_name(spec)
 
 
 def missing_folder_error(spec: str) -> UserError:
@@ -42,6 +45,8 @@ def resolve_model_dir(spec: str, hub: str = "auto", revision: str | None = None,
     if is_builtin(spec):
         return builtin_path(spec)
     path = Path(spec).expanduser()
+    if is_gguf_file(path):
+        return native_gguf_folder(path)
     if path.is_dir():
         return _prepared(path, trust_remote_code)
     check_not_mistyped(spec)
@@ -49,17 +54,22 @@ def resolve_model_dir(spec: str, hub: str = "auto", revision: str | None = None,
         from lowtune.models.download import download  # network only for hub ids
 
         return _prepared(download(spec, hub=hub, revision=revision), trust_remote_code)
+    if is_gguf_name(spec):
+        raise UserError(f"GGUF file not found: {spec} (relative to {Path.cwd()})"
+                        f"{close_name_hint(path, folders_only=False)}")
     if spec.startswith(LOCAL_FOLDER):
         raise missing_folder_error(spec)
-    raise UserError(f"model not found: '{spec}' is neither a local folder nor a hub id like owner/name "
+    raise UserError(f"model not found: '{spec}' is neither a local folder, a .gguf file nor a hub id like owner/name "
                     "(or builtin:tiny)")
 
 
 def check_not_mistyped(spec: str) -> None:
-    """A file, or `runs/medqaa` next to `runs/medqa`, is a local mistake: say so before any hub is asked."""
+    """A file other than a GGUF, or `runs/medqaa` next to `runs/medqa`, is a local mistake: say so before any hub is
+    asked."""
     path = Path(spec).expanduser()
-    if path.is_file():
-        raise UserError(f"{spec} is a file; give a model folder (config.json + weights), a hub id or builtin:tiny")
+    if path.is_file() and not is_gguf_file(path):
+        raise UserError(f"{spec} is a file; give a model folder (config.json + weights), a .gguf file, a hub id or "
+                        "builtin:tiny")
     if is_hub_id(spec) and _holds_models(path.parent):
         raise _missing_local_folder(path)
 
@@ -86,8 +96,11 @@ def _prepared(path: Path, trust_remote_code: bool) -> Path:
         raise UserError(f"{path} is a LoRA adapter, not a model; merge it first (lowtune merge {path} -o "
                         "merged/NAME) and give merged/NAME")
     if not (path / "config.json").is_file():
+        gguf = gguf_in_folder(path)
+        if gguf is not None:
+            return native_gguf_folder(gguf)
         raise UserError(f"{path} has no config.json: give a Hugging Face model folder "
-                        "(lowtune download ID -o DIR fetches one)")
+                        "(lowtune download ID -o DIR fetches one) or a .gguf file")
     from lowtune.models.families import prepare
 
     return prepare(path, trust_remote_code=trust_remote_code)

@@ -76,7 +76,7 @@ def _model(cfg: Config) -> tuple[Path | None, Shape]:
     shape (no folder, so no data tokens)."""
     spec = cfg.model.path
     check_not_mistyped(spec)
-    if not Path(spec).is_dir() and (is_hub_id(spec) or spec.startswith(LOCAL_FOLDER)):
+    if not Path(spec).exists() and (is_hub_id(spec) or spec.startswith(LOCAL_FOLDER)):
         shape = known_shape(spec)
         if shape is None and not is_hub_id(spec):
             raise missing_folder_error(spec)
