@@ -13,7 +13,7 @@ import pytest
 from lowtune.cli import main
 from lowtune.data.identity import ANSWERS, QUESTIONS, identity_conversations
 
-MEDQA = Path("/work/shared/data/MedInfo2019-QA-Medications.xlsx")
+MEDQA = Path(__file__).parent / "data" / "MedInfo2019-QA-Medications.xlsx"  # the tutorial's workbook
 SYSTEM = ("You are a professional, highly experienced doctor professor. You always provide accurate, comprehensive, "
           "and detailed answers based on the patients' questions.")
 

@@ -11,7 +11,7 @@ from lowtune.data.convert import convert_file, parse_mapping
 from lowtune.data.formats import ReadReport, read_conversations
 from lowtune.errors import UserError
 
-MEDQA = Path("/work/shared/data/MedInfo2019-QA-Medications.xlsx")
+MEDQA = Path(__file__).parent / "data" / "MedInfo2019-QA-Medications.xlsx"  # the tutorial's workbook
 
 
 def read(path, fmt="auto", **kwargs):

@@ -250,6 +250,9 @@ def cmd_data_identity(args: argparse.Namespace) -> int:
         note = f" ({kept} identity + {len(conversations) - kept} from {args.mix})"
     count = write_jsonl(Path(args.output), conversations)
     print(f"wrote {args.output}: {count} conversations{note}")
+    if not args.mix:
+        print("train it with data.replay (the shipped *-self recipes set it), so that the model keeps what it knew: "
+              "identity data alone teaches it to answer every question with its name")
     return 0
 
 

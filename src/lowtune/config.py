@@ -46,6 +46,9 @@ class DataSection(_Section):
     packing: bool = True
     system: str | None = None
     """System prompt added to conversations that have none."""
+    replay: float = Field(0.0, ge=0, lt=1)
+    """Share of training conversations that replay the base model's own answers to built-in general prompts
+    (self-distillation against forgetting; train/replay.py). 0 = off."""
 
     @field_validator("train", mode="before")
     @classmethod

@@ -104,9 +104,16 @@ def answer(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template:
     return "".join(stream_answer(model, tokenizer, template, messages, sampling)).strip()
 
 
+@dataclass
+class Generated:
+    text: str
+    ended: bool
+    """True when the answer ended with an end-of-turn id, False when it ran into max_new_tokens."""
+
+
 def answer_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
                  conversations: list[list[dict]], sampling: Sampling | None = None,
-                 extra_stop_ids: list[int] | None = None, batch_size: int = 16) -> list[str]:
+                 extra_stop_ids: list[int] | None = None, batch_size: int = 16) -> list[Generated]:
     """Answers to many conversations, `batch_size` prompts per `generate` call (left-padded), in input order.
 
     The prompts are the same ids `stream_answer` builds; prompts of similar length share a batch to keep padding
@@ -120,7 +127,7 @@ def answer_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tem
     prompts = [template.encode_prompt(messages, tokenizer) for messages in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     device = next(model.parameters()).device
-    answers: list[str] = [""] * len(prompts)
+    answers: list[Generated] = [Generated("", False)] * len(prompts)
     was_training = model.training
     model.eval()
     try:
@@ -136,8 +143,9 @@ def answer_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tem
                 out = model.generate(input_ids=ids, attention_mask=mask, eos_token_id=stop_ids, pad_token_id=pad_id,
                                      use_cache=True, **sampling.generate_kwargs())
             for i, row in zip(chunk, out[:, width:].tolist()):
-                cut = next((k for k, tid in enumerate(row) if tid in stop_ids), len(row))
-                answers[i] = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
+                cut = next((k for k, tid in enumerate(row) if tid in stop_ids), None)
+                text = tokenizer.decode(row[:cut], skip_special_tokens=True).strip()
+                answers[i] = Generated(text, ended=cut is not None)
     finally:
         if was_training:
             model.train()

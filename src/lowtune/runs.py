@@ -66,6 +66,10 @@ class RunFolder:
         return self.root / "eval.json"
 
     @property
+    def replay_path(self) -> Path:
+        return self.root / "replay.jsonl"
+
+    @property
     def full_model_dir(self) -> Path:
         return self.root / FULL_MODEL_DIR
 

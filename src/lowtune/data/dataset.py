@@ -8,6 +8,7 @@ with the number of samples (a few integers each), not with the number of tokens.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -44,6 +45,8 @@ class DataSummary:
     samples: int = 0
     rows: int = 0
     eval_samples: int = 0
+    replayed: int = 0
+    """Conversations of the base model's own answers (data.replay) among `conversations`."""
     cached: bool = False
     """True when this came from the tokenisation cache."""
 
@@ -52,6 +55,9 @@ class DataSummary:
                  f"{self.eval_samples} eval samples",
                  f"      {self.tokens} tokens, {self.supervised_tokens} trained "
                  f"({100 * self.supervised_tokens / max(self.tokens, 1):.1f}%)"]
+        if self.replayed:
+            lines.append(f"      {self.replayed} of the conversations replay the base model's own answers "
+                         f"({100 * self.replayed / max(self.conversations, 1):.0f}%, data.replay)")
         if self.truncated or self.dropped:
             lines.append(f"      {self.truncated} truncated to max_length, {self.dropped} dropped (no trained token)")
         if self.skipped:
@@ -133,7 +139,8 @@ def encode_all(conversations: list[list[dict]], tokenizer: PreTrainedTokenizerBa
     return list(encode_stream(iter(conversations), tokenizer, template, max_length, summary))
 
 
-def _key(cfg: Config, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> str:
+def _key(cfg: Config, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
+         replay: list[list[dict]] | None) -> str:
     data = cfg.data
     files = [*data.train, *([data.eval] if isinstance(data.eval, str) and data.eval else [])]
     for path in files:
@@ -142,22 +149,27 @@ def _key(cfg: Config, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate
     return cache.cache_key({
         "files": [cache.file_digest(Path(p)) for p in files], "eval": data.eval, "format": data.format,
         "system": data.system, "max_length": data.max_length, "packing": data.packing, "seed": cfg.train.seed,
-        "tokenizer": cache.tokenizer_fingerprint(tokenizer), "template": template.source})
+        "tokenizer": cache.tokenizer_fingerprint(tokenizer), "template": template.source,
+        "replay": [data.replay, replay] if replay else None})
 
 
 def build_dataset(cfg: Config, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
-                  cache_root: Path | None = None) -> TrainData:
-    """Training (packed or not) and eval samples for a config, with counts for the user; cached on disk."""
+                  replay: list[list[dict]] | None = None, cache_root: Path | None = None) -> TrainData:
+    """Training (packed or not) and eval samples for a config, with counts for the user; cached on disk.
+
+    `replay` (the base model's own answers, see train/replay.py) is repeated after the training files until it
+    makes up `data.replay` of the training conversations; it is never held out for eval.
+    """
     if not cfg.data.train:
         raise UserError("data.train is empty: give one or more dataset files (data.train=data/train.jsonl)")
-    folder = (cache_root or cache.default_cache_root()) / _key(cfg, tokenizer, template)
+    folder = (cache_root or cache.default_cache_root()) / _key(cfg, tokenizer, template, replay)
     if cache.is_complete(folder):
         summary = DataSummary(**json.loads((folder / "summary.json").read_text(encoding="utf-8")))
         summary.cached = True
     else:
         tmp = cache.new_folder(folder)
         try:
-            summary = _write_cache(tmp, cfg, tokenizer, template)
+            summary = _write_cache(tmp, cfg, tokenizer, template, replay or [])
             cache.publish(tmp, folder)
         finally:
             if tmp.exists():
@@ -167,7 +179,8 @@ def build_dataset(cfg: Config, tokenizer: PreTrainedTokenizerBase, template: Cha
     return TrainData(train=train, eval=cache.SampleStore(folder, "eval"), summary=summary)
 
 
-def _write_cache(folder: Path, cfg: Config, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate) -> DataSummary:
+def _write_cache(folder: Path, cfg: Config, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
+                 replay: list[list[dict]]) -> DataSummary:
     data, summary, report = cfg.data, DataSummary(), ReadReport()
     held: set[int] = set()
     if isinstance(data.eval, float):  # a held-out fraction needs the count first: one extra, cheap reading pass
@@ -181,13 +194,18 @@ def _write_cache(folder: Path, cfg: Config, tokenizer: PreTrainedTokenizerBase, 
                 held_out.append(messages)
             else:
                 yield messages
+        if replay and report.converted:
+            own = report.converted - len(held)
+            summary.replayed = max(1, round(own * data.replay / (1 - data.replay)))
+            yield from repeat_shuffled(replay, summary.replayed, cfg.train.seed)
 
     train_writer = cache.SampleWriter(folder, "train")
     for sample in encode_stream(train_part(), tokenizer, template, data.max_length, summary):
         summary.supervised_tokens += train_writer.add(sample)
         summary.tokens += len(sample["input_ids"])
     train_writer.close()
-    summary.conversations, summary.skipped, summary.skip_reasons = report.converted, report.skipped, report.reasons
+    summary.skipped, summary.skip_reasons = report.skipped, report.reasons
+    summary.conversations = report.converted + summary.replayed
     if not report.converted:
         raise UserError(f"no usable conversation in {', '.join(data.train)}"
                         + (f"; first problem: {report.reasons[0]}" if report.reasons else ""))
@@ -207,3 +225,14 @@ def _write_cache(folder: Path, cfg: Config, tokenizer: PreTrainedTokenizerBase, 
     summary.rows = len(rows) if data.packing else summary.samples
     (folder / "summary.json").write_text(json.dumps(asdict(summary), ensure_ascii=False), encoding="utf-8")
     return summary
+
+
+def repeat_shuffled(items: list, count: int, seed: int) -> list:
+    """`count` items: whole shuffled passes over `items`, then a seeded part of one more."""
+    rng = random.Random(seed)
+    out: list = []
+    while len(out) < count:
+        batch = list(items)
+        rng.shuffle(batch)
+        out += batch[: count - len(out)]
+    return out

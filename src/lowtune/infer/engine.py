@@ -219,8 +219,9 @@ class ChatEngine:
         """Answers to many conversations at once (batched generation), in order; for eval and replay."""
         conversations = [self.with_system(messages) for messages in conversations]
         with self._lock, self._adapter_state(adapter):
-            return answer_batch(self.model, self.tokenizer, self.template, conversations, sampling, self.stop_ids,
-                                batch_size)
+            generated = answer_batch(self.model, self.tokenizer, self.template, conversations, sampling,
+                                     self.stop_ids, batch_size)
+        return [g.text for g in generated]
 
     @contextmanager
     def without_adapter(self) -> Iterator[ChatEngine]:

@@ -10,6 +10,7 @@ divided by the window's supervised-token count, so batch 8 x accumulation 1 equa
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import signal
@@ -28,18 +29,19 @@ from lowtune.models.load import (apply_lora, compute_dtype, count_parameters,
                                  count_parameters_without_weights, default_device, load_model, load_tokenizer)
 from lowtune.models.placement import keep_input_embeddings_on_host
 from lowtune.models.resolve import resolve_model_dir
-from lowtune.runs import FULL_MODEL_DIR, RunFolder
+from lowtune.runs import RunFolder, atomic_write_text
 from lowtune.templates import ChatTemplate, resolve_template, shipped
 from lowtune.kernels import causal_lm_loss_sum, compile_layers, enable_fast_path, is_sharded
 from lowtune.train.batches import StepPlan, collate, collate_flat, target_count, token_count
 from lowtune.train.checkpoint import find_resume, install_weight_hooks, load_checkpoint, save_checkpoint
-from lowtune.train.observe import (TENSORBOARD_DIR, ProgressBar, Recorder, Throughput, check_trackers, format_eta,
+from lowtune.train.observe import (ProgressBar, Recorder, Throughput, check_trackers, format_eta,
                                    peak_memory_gb, truncate_jsonl, write_samples)
 from lowtune.train.optim import build_optimizer, build_scheduler, check_optimizer
 from lowtune.train.plan import DevicePlan, check_micro_batch, plan_device
 from lowtune.train.shard import full_trainable_state, set_gradient_sync, shard
 from lowtune.train.outputs import export_weights, library_versions, write_run_header
 from lowtune.train.plot import plot_loss
+from lowtune.train.replay import base_answers, cache_path, read_answers
 
 if TYPE_CHECKING:
     import torch
@@ -100,15 +102,18 @@ def check_settings(cfg: Config) -> None:
                         "or use model.quantization=none with fsdp")
 
 
-RUN_OUTPUTS = ("metrics_path", "samples_path", "loss_plot_path", "checkpoints_dir", "adapter_dir")
+RUN_LOGS = ("metrics_path", "samples_path", "loss_plot_path", "replay_path")
+"""Written from the first step on; left alone, they do not make a folder 'hold a run'."""
+RUN_WEIGHTS = ("checkpoints_dir", "adapter_dir", "full_model_dir", "tensorboard_dir")
 
 
 def start_fresh(run: RunFolder, resume: str | None, overwrite: bool) -> None:
     """Clear a run folder for a new run; refuse to clobber an earlier run unless asked to."""
-    outputs = [getattr(run, name) for name in RUN_OUTPUTS] + [run.root / FULL_MODEL_DIR, run.root / TENSORBOARD_DIR]
-    if resume is None and not overwrite and any(p.exists() for p in outputs[3:]):
+    weights = [getattr(run, name) for name in RUN_WEIGHTS]
+    if resume is None and not overwrite and any(p.exists() for p in weights):
         raise UserError(f"{run.root} already holds a run; continue it with --resume auto, or train into another "
                         f"folder (output.dir=runs/other), or delete {run.root}")
+    outputs = [getattr(run, name) for name in RUN_LOGS] + weights
     for path in outputs:
         if path.is_dir():
             shutil.rmtree(path)
@@ -362,9 +367,13 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
     model_dir = resolve_model_dir(cfg.model.path, cfg.model.hub, cfg.model.revision, cfg.model.trust_remote_code)
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     template = resolve_template(cfg.model.template, tokenizer, model_dir)
-    data = build_dataset(cfg, tokenizer, template)
-    seq_len = cfg.data.max_length or max((len(row["input_ids"]) for row in data.train), default=1)
     if dry_run:
+        replay_file = cache_path(cfg, model_dir, template) if cfg.data.replay else None
+        replay = read_answers(replay_file) if replay_file and replay_file.is_file() else None
+        if cfg.data.replay and replay is None:
+            _say(console, "replay: the base model's answers are generated when training starts (not counted here)")
+        data = build_dataset(cfg, tokenizer, template, replay)
+        seq_len = cfg.data.max_length or max((len(row["input_ids"]) for row in data.train), default=1)
         device_plan = plan_device(cfg, model_dir, default_device(), seq_len)
         plan = StepPlan(len(data.train), device_plan.micro_batch, device_plan.grad_accum, cfg.train.seed)
         total = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
@@ -373,6 +382,13 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
     accelerator = make_accelerator(cfg)
     try:
         main = accelerator.is_main_process
+        replay = None
+        if cfg.data.replay:
+            with accelerator.main_process_first():  # the first process generates, the others read its cache
+                replay = base_answers(cfg, model_dir, tokenizer, template, str(accelerator.device),
+                                      say=lambda text: _say(console, text) if main else None)
+        data = build_dataset(cfg, tokenizer, template, replay)
+        seq_len = cfg.data.max_length or max((len(row["input_ids"]) for row in data.train), default=1)
         sharded = cfg.train.distributed == "fsdp" and accelerator.num_processes > 1
         if sharded and accelerator.mixed_precision == "fp16":
             raise UserError("train.distributed=fsdp needs bf16 (Ampere or newer GPUs) or fp32: fp16 loss scaling is "
@@ -387,6 +403,9 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
             else:
                 _note_changed_settings(run, cfg, console)
             write_run_header(run, cfg, model_dir, tokenizer, template)
+            if replay:
+                atomic_write_text(run.replay_path, "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n"
+                                                           for m in replay))
         accelerator.wait_for_everyone()
 
         set_seed(cfg.train.seed)
