@@ -8,15 +8,15 @@ import copy
 import pytest
 import torch
 
-from lowtune.config import Config, TrainSection
+from lowtune.config import Config
 from lowtune.data.pack import pack_samples
 from lowtune.errors import UserError
+from lowtune.kernels import causal_lm_loss_sum
 from lowtune.train.batches import collate, collate_flat, target_count
-from lowtune.train.loop import token_loss_sum, train_step
-from lowtune.train.optim import build_scheduler
+from lowtune.train.loop import train_step
 from lowtune.train.plan import DevicePlan, plan_device
 
-from test_train_loss import CONVERSATIONS, lora_model, samples, tokenizer  # noqa: F401  (shared fixtures)
+from test_train_loss import CONVERSATIONS, PLAIN_PLAN, lora_model, samples, step_state, tokenizer  # noqa: F401
 
 
 def test_padding_free_batch_gives_the_padded_loss(lora_model, tokenizer, samples):
@@ -24,9 +24,9 @@ def test_padding_free_batch_gives_the_padded_loss(lora_model, tokenizer, samples
     rows = pack_samples(samples, 160, seed=0)
     assert any(len(r["seq_lens"]) > 1 for r in rows)
     with torch.no_grad():
-        padded = token_loss_sum(model, collate(rows, tokenizer.pad_token_id))
+        padded = causal_lm_loss_sum(model, collate(rows, tokenizer.pad_token_id))
         flat_batch = collate_flat(rows)
-        flat = token_loss_sum(model, flat_batch)
+        flat = causal_lm_loss_sum(model, flat_batch)
     assert flat_batch["input_ids"].shape[0] == 1
     assert flat_batch["cu_seq_lens_q"].tolist()[-1] == sum(len(r["input_ids"]) for r in rows)
     assert len(flat_batch["cu_seq_lens_q"]) == sum(len(r["seq_lens"]) for r in rows) + 1
@@ -34,14 +34,11 @@ def test_padding_free_batch_gives_the_padded_loss(lora_model, tokenizer, samples
     torch.testing.assert_close(flat, padded, rtol=1e-5, atol=1e-5)
 
 
-def _step(model, accelerator, rows, pad_id, plan):
+def _step(model, accelerator, tokenizer, rows, plan):
     model = copy.deepcopy(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=1.0)
-    scheduler = build_scheduler(optimizer, TrainSection(scheduler="constant", warmup_ratio=0.0), 1)
-    loss, norm, _ = train_step(model, optimizer, scheduler, accelerator, rows, [[0, 1, 2], [3, 4, 5, 6, 7]], pad_id,
-                               0.0, plan)
-    return loss, norm, [p.detach().clone() for p in params]
+    state = step_state(model, accelerator, tokenizer, rows, plan=plan)
+    loss, norm, _ = train_step(state, [[0, 1, 2], [3, 4, 5, 6, 7]])
+    return loss, norm, [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
 
 @pytest.mark.parametrize("flat, offload", [(True, False), (False, True)])
@@ -49,7 +46,7 @@ def test_fast_path_steps_equal_the_plain_step(lora_model, tokenizer, samples, fl
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    plain = _step(lora_model, accelerator, samples, tokenizer.pad_token_id, None)
+    plain = _step(lora_model, accelerator, tokenizer, samples, PLAIN_PLAN)
     plan = DevicePlan(micro_batch=1, grad_accum=8, checkpointing=offload, offload=offload, optimizer="adamw",
                       compile=False, attention="sdpa", flat_batches=flat)
     model = copy.deepcopy(lora_model)
@@ -60,7 +57,7 @@ def test_fast_path_steps_equal_the_plain_step(lora_model, tokenizer, samples, fl
         enable_checkpointing(model)
         base = model.get_base_model()
         base.set_input_embeddings(HostEmbedding(base.get_input_embeddings()))
-    fast = _step(model, accelerator, samples, tokenizer.pad_token_id, plan)
+    fast = _step(model, accelerator, tokenizer, samples, plan)
     assert fast[0] == pytest.approx(plain[0], rel=1e-5)
     assert fast[1] == pytest.approx(plain[1], rel=1e-4) and fast[1] > 0
     for a, b in zip(plain[2], fast[2]):
@@ -91,6 +88,24 @@ def test_cpu_plan_takes_the_config_as_written(micro_dir):
                                            "gradient_checkpointing": True, "optimizer": "adamw_8bit"}})
     plan = plan_device(cfg, micro_dir, "cpu", 256)
     assert (plan.micro_batch, plan.grad_accum, plan.checkpointing, plan.optimizer) == (3, 2, True, "adamw_8bit")
+
+
+def test_plan_picks_and_names_the_loss_path_and_sharding_once(micro_dir, lora_model):
+    plan = plan_device(Config(), micro_dir, "cpu", 256)
+    assert (plan.loss, plan.sharded) == ("chunked", False) and "chunked linear cross-entropy" in plan.describe()
+    assert plan.for_model(lora_model) is plan  # a plain bias-free head: no logits needed
+    fsdp = Config.model_validate({"train": {"distributed": "fsdp"}, "model": {"quantization": "none"}})
+    assert not plan_device(fsdp, micro_dir, "cpu", 256).sharded  # one process holds whole weights
+    sharded = plan_device(fsdp, micro_dir, "cpu", 256, processes=2)
+    assert (sharded.loss, sharded.sharded) == ("logits", True)
+    assert "sharded over 2 processes (FSDP)" in sharded.describe()
+    model = copy.deepcopy(lora_model)
+    head = model.get_base_model().lm_head
+    model.get_base_model().lm_head = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    assert plan.for_model(model).loss == "logits"  # a head with a bias goes through the model's own forward
+    with pytest.raises(UserError, match="fp16 loss scaling is not sharded"):
+        plan_device(fsdp.model_copy(update={"model": fsdp.model.model_copy(update={"dtype": "fp16"})}), micro_dir,
+                    "cpu", 256, processes=2)
 
 
 def test_micro_batch_must_divide_the_rows_per_step(micro_dir):

@@ -8,14 +8,21 @@ import copy
 import pytest
 import torch
 
-from lowtune.config import LoraSection, TrainSection
+from lowtune.config import Config, LoraSection, TrainSection
+from lowtune.data.dataset import DataSummary, TrainData
 from lowtune.data.encode import encode_conversation
 from lowtune.data.pack import pack_samples
+from lowtune.kernels import causal_lm_loss_sum
 from lowtune.models.load import apply_lora, load_model, load_tokenizer
 from lowtune.templates import resolve_template
 from lowtune.train.batches import StepPlan, collate, target_count
-from lowtune.train.loop import token_loss_sum, train_step
+from lowtune.train.loop import train_step
 from lowtune.train.optim import build_scheduler
+from lowtune.train.plan import DevicePlan
+from lowtune.train.state import RunState
+
+PLAIN_PLAN = DevicePlan(micro_batch=1, grad_accum=1, checkpointing=False, offload=False, optimizer="adamw",
+                        compile=False, attention="sdpa", flat_batches=False)
 
 CONVERSATIONS = [
     [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是小明，一个人工智能助手。"}],
@@ -72,25 +79,31 @@ def test_loss_equals_plain_transformers_forward(micro_dir, tokenizer, samples):
         batch = collate([sample], tokenizer.pad_token_id)
         with torch.no_grad():
             reference = plain(input_ids=batch["input_ids"], labels=batch["labels"]).loss
-            mine = token_loss_sum(ours, batch) / target_count(batch)
+            mine = causal_lm_loss_sum(ours, batch) / target_count(batch)
         assert abs(mine.item() - reference.item()) / reference.item() < 1e-5
 
 
-def _update(model, accelerator, rows, window, pad_id):
+def step_state(model, accelerator, tokenizer, rows, lr=1.0, max_grad_norm=0.0, plan=PLAIN_PLAN) -> RunState:
+    """What train_step reads: `model` with SGD(lr) on a constant schedule, `rows` as the training data."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    scheduler = build_scheduler(optimizer, TrainSection(scheduler="constant", warmup_ratio=0.0), 1)
+    cfg = Config.model_validate({"train": {"max_grad_norm": max_grad_norm}})
+    return RunState(cfg=cfg, run=None, accelerator=accelerator, plan=plan, steps=None,
+                    data=TrainData(rows, [], DataSummary()), tokenizer=tokenizer, template=None, model=model,
+                    optimizer=optimizer, scheduler=scheduler)
+
+
+def _update(model, accelerator, tokenizer, rows, window):
     """Parameters after one SGD(lr=1) step: the difference from the start is exactly the gradient."""
     model = copy.deepcopy(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=1.0)
-    scheduler = build_scheduler(optimizer, TrainSection(scheduler="constant", warmup_ratio=0.0), 1)
-    loss, grad_norm, _ = train_step(model, optimizer, scheduler, accelerator, rows, window, pad_id, 0.0)
-    return loss, grad_norm, [p.detach().clone() for p in params]
+    loss, grad_norm, _ = train_step(step_state(model, accelerator, tokenizer, rows), window)
+    return loss, grad_norm, [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
 
 def test_batch_times_accumulation_invariance(lora_model, accelerator, tokenizer, samples):
-    pad = tokenizer.pad_token_id
-    big = _update(lora_model, accelerator, samples, [list(range(8))], pad)               # batch 8 x accum 1
-    small = _update(lora_model, accelerator, samples, [[i] for i in range(8)], pad)      # batch 1 x accum 8
-    mixed = _update(lora_model, accelerator, samples, [[0, 1, 2], [3, 4], [5, 6, 7]], pad)
+    big = _update(lora_model, accelerator, tokenizer, samples, [list(range(8))])               # batch 8 x accum 1
+    small = _update(lora_model, accelerator, tokenizer, samples, [[i] for i in range(8)])      # batch 1 x accum 8
+    mixed = _update(lora_model, accelerator, tokenizer, samples, [[0, 1, 2], [3, 4], [5, 6, 7]])
     for other in (small, mixed):
         assert other[0] == pytest.approx(big[0], rel=1e-5)
         assert other[1] == pytest.approx(big[1], rel=1e-4)
@@ -101,10 +114,10 @@ def test_batch_times_accumulation_invariance(lora_model, accelerator, tokenizer,
 def test_naive_per_micro_batch_mean_would_differ(lora_model, tokenizer, samples):
     """Guard for the test above: averaging per-micro-batch means gives another loss on these lengths."""
     with torch.no_grad():
-        means = [token_loss_sum(lora_model, collate([s], tokenizer.pad_token_id)).item()
+        means = [causal_lm_loss_sum(lora_model, collate([s], tokenizer.pad_token_id)).item()
                  / target_count(collate([s], tokenizer.pad_token_id)) for s in samples]
         batch = collate(samples, tokenizer.pad_token_id)
-        token_mean = token_loss_sum(lora_model, batch).item() / target_count(batch)
+        token_mean = causal_lm_loss_sum(lora_model, batch).item() / target_count(batch)
     assert abs(sum(means) / len(means) - token_mean) > 1e-3
 
 
@@ -116,11 +129,11 @@ def test_packed_loss_equals_unpacked(lora_model, tokenizer, samples, attention):
     assert len(rows) < len(samples)  # several samples really share a row
     pad = tokenizer.pad_token_id
     with torch.no_grad():
-        packed = token_loss_sum(model, collate(rows, pad)).item()
-        unpacked = sum(token_loss_sum(model, collate([s], pad)).item() for s in samples)
+        packed = causal_lm_loss_sum(model, collate(rows, pad)).item()
+        unpacked = sum(causal_lm_loss_sum(model, collate([s], pad)).item() for s in samples)
         leaky = collate(rows, pad)
         leaky["position_ids"] = torch.arange(leaky["input_ids"].shape[1]).expand_as(leaky["input_ids"])
-        leaked = token_loss_sum(model, leaky).item()
+        leaked = causal_lm_loss_sum(model, leaky).item()
     assert packed == pytest.approx(unpacked, rel=1e-5)
     assert abs(leaked - unpacked) / unpacked > 1e-3  # without isolation the test would fail
 
@@ -150,7 +163,5 @@ def test_checkpointing_is_active_while_training(lora_model, accelerator, tokeniz
             return _original(*args, **kwargs)
 
         layer._gradient_checkpointing_func = counting
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
-    scheduler = build_scheduler(optimizer, TrainSection(), 1)
-    train_step(model, optimizer, scheduler, accelerator, samples, [[0, 1]], tokenizer.pad_token_id, 1.0)
+    train_step(step_state(model, accelerator, tokenizer, samples, lr=0.0, max_grad_norm=1.0), [[0, 1]])
     assert len(calls) == len(layers)

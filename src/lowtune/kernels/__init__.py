@@ -1,7 +1,7 @@
 """Fast paths for training: fused linear cross-entropy, varlen attention for packed rows, Triton kernels.
 
-Layer 1. Everything here has a correct fallback on CPU; CUDA-only pieces switch on by themselves when the device
-and the optional packages allow, and `enable_fast_path` reports what it switched on.
+Layer 1. Everything here has a correct fallback on CPU. The device plan (train/plan.py) picks the loss path once
+per run (LOSS_PATHS); `enable_fast_path` reports which of Liger's kernels it switched on.
 """
 
 from __future__ import annotations
@@ -14,61 +14,63 @@ from lowtune.kernels.loss import IGNORE_INDEX, linear_cross_entropy_sum
 from lowtune.models.load import base_model
 
 LIGER_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral"}
+LOSS_PATHS = {
+    "fused": "Liger's fused linear cross-entropy",
+    "chunked": "chunked linear cross-entropy",
+    "logits": "cross-entropy over full logits",
+}
+"""How `causal_lm_loss_sum` computes the loss (the device plan picks one per run) and how the plan line names it."""
+VARLEN_KEYS = ("cu_seq_lens", "max_length")
+"""Batch keys that go to the model as keyword arguments (padding-free batches, varlen attention)."""
 
 
-def is_sharded(model: Any) -> bool:
-    """Whether the (PEFT-wrapped) model's weights are sharded by FSDP2 (train.distributed=fsdp)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    base = base_model(model)
-    return isinstance(base, FSDPModule)
-
-
-def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
-    """(decoder stack, lm_head) of a causal LM, looking through PEFT and DDP wrappers; None when the head is
-    unusual (bias, soft-capping, a custom class)."""
+def _decoder_and_head(model: Any) -> tuple[Any, Any]:
+    """(decoder stack, lm_head) of a causal LM, looking through PEFT and DDP wrappers; None where missing."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         model = model.module
     base = base_model(model)
-    if is_sharded(base):  # the head's weight is only gathered inside the model's own forward
-        return None
-    decoder, head = getattr(base, "model", None), getattr(base, "lm_head", None)
-    if decoder is None or head is None:
-        return None
-    weight = getattr(head, "weight", None)
-    plain = type(head) is torch.nn.Linear and getattr(head, "bias", None) is None
-    softcap = getattr(getattr(base, "config", None), "final_logit_softcapping", None)
-    if not plain or weight is None or softcap:
-        return None
-    return decoder, head
+    return getattr(base, "model", None), getattr(base, "lm_head", None)
 
 
-def causal_lm_loss_sum(model: Any, batch: dict[str, torch.Tensor], **model_kwargs: Any) -> torch.Tensor:
-    """Summed next-token cross-entropy over supervised positions, without materialising full logits."""
-    parts = _decoder_and_head(model)
+def has_plain_head(model: Any) -> bool:
+    """Whether the loss can skip the logits: a decoder and a bias-free Linear head, no logit soft-capping (a
+    custom head class from remote code, a bias or soft-capping need the model's own forward)."""
+    decoder, head = _decoder_and_head(model)
+    plain = type(head) is torch.nn.Linear and head.bias is None
+    softcap = getattr(getattr(base_model(model), "config", None), "final_logit_softcapping", None)
+    return decoder is not None and plain and not softcap
+
+
+def causal_lm_loss_sum(model: Any, batch: dict[str, Any], path: str = "chunked", **model_kwargs: Any) -> torch.Tensor:
+    """Summed next-token cross-entropy over supervised positions, in fp32; `path` is one of LOSS_PATHS.
+
+    'chunked' and 'fused' run the decoder and project to the vocabulary one chunk at a time (no full logits);
+    'logits' runs the model's own forward. No attention mask: right padding cannot be seen by earlier tokens, and
+    position_ids that restart at 0 make transformers build a per-sample (block-diagonal) causal mask for packed
+    rows. Padding-free batches carry `cu_seq_lens_*` for the varlen attention kernel instead.
+    """
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids"), "use_cache": False,
+              **{k: v for k, v in batch.items() if k.startswith(VARLEN_KEYS)}, **model_kwargs}
     labels = batch["labels"][:, 1:]
-    if parts is None:
-        logits = model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False,
-                       **model_kwargs).logits[:, :-1].float()
+    if path == "logits":
+        logits = model(**inputs).logits[:, :-1].float()
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                                  ignore_index=IGNORE_INDEX, reduction="sum")
-    decoder, head = parts
+    decoder, head = _decoder_and_head(model)
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        hidden = _hidden_through_ddp(model, decoder, batch, model_kwargs)
+        hidden = _hidden_through_ddp(model, decoder, inputs)
     else:
-        hidden = decoder(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False,
-                         **model_kwargs).last_hidden_state
-    return linear_cross_entropy_sum(hidden[:, :-1], head.weight, labels)
+        hidden = decoder(**inputs).last_hidden_state
+    return linear_cross_entropy_sum(hidden[:, :-1], head.weight, labels, fused=path == "fused")
 
 
-def _hidden_through_ddp(model: Any, decoder: Any, batch: dict[str, torch.Tensor], model_kwargs: dict) -> torch.Tensor:
+def _hidden_through_ddp(model: Any, decoder: Any, inputs: dict[str, Any]) -> torch.Tensor:
     """The decoder's output, computed by DDP's own forward (so its gradient hooks run) with no logits kept."""
     captured: list[torch.Tensor] = []
     handle = decoder.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
     try:
-        no_logits = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
-        model(input_ids=batch["input_ids"], position_ids=batch.get("position_ids"), use_cache=False,
-              logits_to_keep=no_logits, **model_kwargs)
+        no_logits = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+        model(**inputs, logits_to_keep=no_logits)
     finally:
         handle.remove()
     return captured[-1]

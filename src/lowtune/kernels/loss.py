@@ -3,7 +3,8 @@
 Layer 1. The logits of a 2048-token row are 0.3 GB in fp32 for a 32k vocabulary and 1.2 GB for 152k; with their
 gradient they dominate small-batch QLoRA memory. This computes the head projection and the loss chunk by chunk
 and writes the input gradient during the forward pass (as Liger's fused kernel does), so only one chunk of
-logits ever exists. Liger's Triton kernel is used on CUDA when installed; this torch version runs everywhere.
+logits ever exists. The device plan picks Liger's Triton kernel on CUDA when installed; this torch version runs
+everywhere.
 """
 
 from __future__ import annotations
@@ -55,22 +56,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None
 
 
-def _liger_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError:
-        return None
-    loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss_fn(weight, hidden, labels)
+def fused_loss_available() -> bool:
+    """Liger's fused linear cross-entropy kernel is installed (it runs on CUDA only)."""
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                             chunk: int = CHUNK_TOKENS, use_liger: bool = True) -> torch.Tensor:
-    """Summed next-token loss for already-shifted `hidden` [N, d] and `labels` [N] (IGNORE_INDEX = masked)."""
+                             chunk: int = CHUNK_TOKENS, fused: bool = False) -> torch.Tensor:
+    """Summed next-token loss for already-shifted `hidden` [N, d] and `labels` [N] (IGNORE_INDEX = masked);
+    `fused` = Liger's Triton kernel (CUDA), else the torch version above."""
     hidden = hidden.reshape(-1, hidden.size(-1))
     labels = labels.reshape(-1)
-    if use_liger and hidden.is_cuda:
-        fused = _liger_sum(hidden, weight, labels)
-        if fused is not None:
-            return fused.float()
+    if fused:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss_fn(weight, hidden, labels).float()
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk)

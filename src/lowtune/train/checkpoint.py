@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from lowtune.errors import UserError
 from lowtune.runs import CHECKPOINT_PREFIX, COMPLETE_MARKER, FULL_MODEL_DIR, RunFolder, atomic_write_text, publish_dir
+from lowtune.train.shard import (OPTIMIZER_FILE, TRAINABLE_FILE, full_optimizer_state, full_trainable_state,
+                                 load_full_state)
+from lowtune.train.state import RunState
 
 if TYPE_CHECKING:
     import torch
@@ -101,27 +104,24 @@ def _temp_dir(run: RunFolder, step: int) -> Path:
     return run.checkpoints_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
 
 
-def save_checkpoint(accelerator: Accelerator, run: RunFolder, step: int, trainer_state: dict,
-                    keep: int, sharded_parts: tuple[Any, Any] | None = None) -> Path:
-    """Write checkpoints/step-N atomically and keep only the newest `keep` complete checkpoints.
-
-    `sharded_parts` = (model, optimizer) of a sharded run: their full states are gathered here (accelerate's
-    save_state only sees what it prepared)."""
+def save_checkpoint(state: RunState, step: int) -> Path:
+    """Write checkpoints/step-N atomically and keep only the newest train.save_limit complete checkpoints."""
+    accelerator, run = state.accelerator, state.run
     tmp = _temp_dir(run, step)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    if sharded_parts is not None:
-        _save_sharded(*sharded_parts, tmp, accelerator.is_main_process)
+    if state.plan.sharded:  # accelerate's save_state sees only what it prepared: gather the full states here
+        _save_sharded(state.model, state.optimizer, tmp, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     final = run.checkpoint_dir(step)
     if accelerator.is_main_process:
-        atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2))
+        atomic_write_text(tmp / TRAINER_STATE, json.dumps(state.trainer_state(step), indent=2))
         atomic_write_text(tmp / COMPLETE_MARKER, f"step {step}\n")  # last: its presence means "safe to resume"
         publish_dir(tmp, final)
-        prune(run, keep)
+        prune(run, state.cfg.train.save_limit)
     accelerator.wait_for_everyone()
     return final
 
@@ -159,12 +159,11 @@ def find_resume(run: RunFolder, resume: str | None) -> Path | None:
                     "folder, or 'auto'")
 
 
-def load_checkpoint(accelerator: Accelerator, checkpoint: Path,
-                    sharded_parts: tuple[Any, Any] | None = None) -> dict:
+def load_checkpoint(state: RunState, checkpoint: Path) -> dict:
     """Restore weights, optimizer, scheduler and RNG in place; return the trainer state (step, ...)."""
-    accelerator.load_state(str(checkpoint))
-    if sharded_parts is not None:
-        _load_sharded(*sharded_parts, checkpoint, accelerator.is_main_process)
+    state.accelerator.load_state(str(checkpoint))
+    if state.plan.sharded:
+        _load_sharded(state.model, state.optimizer, checkpoint, state.accelerator.is_main_process)
     return json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
 
 
@@ -174,8 +173,6 @@ def _save_sharded(model: Any, optimizer: Any, folder: Path, is_main_process: boo
     model's files keep the names, so resuming reads model/ itself and its weights are stored once)."""
     import torch
     from safetensors.torch import save_file
-
-    from lowtune.train.shard import OPTIMIZER_FILE, TRAINABLE_FILE, full_optimizer_state, full_trainable_state
 
     weights = full_trainable_state(model)
     optimizer_state = full_optimizer_state(model, optimizer)
@@ -191,8 +188,6 @@ def _load_sharded(model: Any, optimizer: Any, checkpoint: Path, is_main_process:
     tensors and the shards are filled from it."""
     import torch
     from safetensors import safe_open
-
-    from lowtune.train.shard import OPTIMIZER_FILE, TRAINABLE_FILE, load_full_state
 
     if not (checkpoint / OPTIMIZER_FILE).is_file():
         raise UserError(f"{checkpoint}: not written by a train.distributed=fsdp run; resume it with the "

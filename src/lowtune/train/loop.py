@@ -1,8 +1,10 @@
 """The training loop: one readable path from a config to a finished run folder.
 
 Layer 2 (train); never imports infer or export. Order: reject bad settings (no model yet) -> tokenizer, template,
-data -> `--dry-run` stops here -> accelerate, model, LoRA, optimizer, schedule -> resume -> steps (eval loss and
-sample answers every eval.every, a checkpoint every save_every) -> adapter/ or model/, loss.png.
+data -> `--dry-run` stops here -> accelerate, device plan (every `auto`, the loss path and sharding decided once) ->
+the run state (model, LoRA, optimizer, schedule) -> resume -> steps (eval loss and sample answers every eval.every,
+a checkpoint every save_every) -> adapter/ or model/, loss.png. Whatever differs on sharded runs sits behind
+train/shard.py, whose operations are plain on one device.
 
 Loss is token-normalised over the whole accumulation window: the summed token losses of every micro-batch are
 divided by the window's supervised-token count, so batch 8 x accumulation 1 equals batch 1 x accumulation 8.
@@ -11,13 +13,12 @@ divided by the window's supervised-token count, so batch 8 x accumulation 1 equa
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import signal
 import threading
 import time
-from contextlib import nullcontext
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,26 +26,26 @@ from typing import TYPE_CHECKING, Any
 from lowtune.config import Config, check_combination, config_changes, dump_config
 from lowtune.data.dataset import TrainData, build_dataset
 from lowtune.errors import UserError, require
+from lowtune.kernels import causal_lm_loss_sum, compile_layers, enable_fast_path
 from lowtune.models.load import (apply_lora, compute_dtype, count_parameters,
                                  count_parameters_without_weights, default_device, load_model, load_tokenizer)
 from lowtune.models.placement import keep_input_embeddings_on_host
 from lowtune.models.resolve import resolve_model_dir
 from lowtune.runs import RunFolder, atomic_write_text
 from lowtune.templates import ChatTemplate, resolve_template, shipped
-from lowtune.kernels import causal_lm_loss_sum, compile_layers, enable_fast_path, is_sharded
 from lowtune.train.batches import StepPlan, collate, collate_flat, target_count, token_count
 from lowtune.train.checkpoint import find_resume, install_weight_hooks, load_checkpoint, save_checkpoint
 from lowtune.train.observe import (ProgressBar, Recorder, Throughput, check_trackers, format_eta,
                                    peak_memory_gb, truncate_jsonl, write_samples)
 from lowtune.train.optim import build_optimizer, build_scheduler, check_optimizer
-from lowtune.train.plan import DevicePlan, check_micro_batch, plan_device
-from lowtune.train.shard import full_trainable_state, set_gradient_sync, shard
 from lowtune.train.outputs import export_weights, library_versions, write_run_header
+from lowtune.train.plan import DevicePlan, check_micro_batch, plan_device
 from lowtune.train.plot import plot_loss
 from lowtune.train.replay import base_answers, cache_path, read_answers
+from lowtune.train.shard import answers_here, clip_gradients, gathered_weights, gradient_sync, prepare, shard
+from lowtune.train.state import RunState
 
 if TYPE_CHECKING:
-    import torch
     from accelerate import Accelerator
     from rich.console import Console
 
@@ -124,17 +125,6 @@ def start_fresh(run: RunFolder, resume: str | None, overwrite: bool) -> None:
 
 # --- the pieces of one step ---------------------------------------------------------------------------------------
 
-def token_loss_sum(model: Any, batch: dict[str, Any]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over supervised positions, in fp32, one chunk of logits at a time.
-
-    No attention mask: right padding cannot be seen by earlier tokens, and position_ids that restart at 0 make
-    transformers build a per-sample (block-diagonal) causal mask for packed rows. Padding-free batches carry
-    `cu_seq_lens_*` for the varlen attention kernel instead.
-    """
-    extra = {k: v for k, v in batch.items() if k.startswith(("cu_seq_lens", "max_length"))}
-    return causal_lm_loss_sum(model, batch, **extra)
-
-
 def _to(batch: dict, device: Any) -> dict:
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
@@ -146,59 +136,53 @@ def reset_peak_memory(device: Any) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def make_batch(rows: Sequence[dict], pad_id: int, plan: DevicePlan | None) -> dict:
-    return collate_flat(rows) if plan is not None and plan.flat_batches else collate(rows, pad_id)
+def make_batch(rows: Sequence[dict], pad_id: int, plan: DevicePlan) -> dict:
+    return collate_flat(rows) if plan.flat_batches else collate(rows, pad_id)
 
 
-def _activation_place(plan: DevicePlan | None) -> Any:
+def _activation_place(plan: DevicePlan) -> AbstractContextManager:
     """Checkpointed layer inputs go to pinned CPU memory when the plan says so."""
     import torch
 
-    if plan is not None and plan.offload:
-        return torch.autograd.graph.save_on_cpu(pin_memory=True)
-    return nullcontext()
+    return torch.autograd.graph.save_on_cpu(pin_memory=True) if plan.offload else nullcontext()
 
 
-def train_step(model: Any, optimizer: Any, scheduler: Any, accelerator: Accelerator, rows: list[dict],
-               window: list[list[int]], pad_id: int, max_grad_norm: float,
-               plan: DevicePlan | None = None) -> tuple[float, float, int]:
-    """One optimizer step over a window of micro-batches; returns (window loss, grad norm, tokens)."""
+def train_step(state: RunState, window: list[list[int]]) -> tuple[float, float, int]:
+    """One optimizer step over a window of micro-batches (row indices); returns (window loss, grad norm, tokens)."""
     import torch
 
-    batches = [make_batch([rows[i] for i in idx], pad_id, plan) for idx in window]
-    local = torch.tensor([sum(target_count(b) for b in batches), sum(token_count([rows[i] for i in idx])
-                                                                      for idx in window)], device=accelerator.device)
+    model, accelerator, plan = state.model, state.accelerator, state.plan
+    rows = state.data.train
+    micro_rows = [[rows[i] for i in indices] for indices in window]
+    batches = [make_batch(chosen, state.pad_id, plan) for chosen in micro_rows]
+    local = torch.tensor([sum(target_count(b) for b in batches), sum(token_count(r) for r in micro_rows)],
+                         device=accelerator.device)
     targets, tokens = (int(v) for v in accelerator.reduce(local, "sum"))
     # DDP averages gradients over processes, so each one scales its sum by world size / global targets
     scale = accelerator.num_processes / max(targets, 1)
     loss_sum = torch.zeros((), device=accelerator.device)
-    sharded = is_sharded(model)
     for i, batch in enumerate(batches):
-        sync = i == len(batches) - 1
-        if sharded:
-            set_gradient_sync(model, sync)
-        with nullcontext() if sync or sharded else accelerator.no_sync(model):
+        with gradient_sync(accelerator, model, plan, sync=i == len(batches) - 1):
             with _activation_place(plan), accelerator.autocast():
-                micro = token_loss_sum(model, _to(batch, accelerator.device))
+                micro = causal_lm_loss_sum(model, _to(batch, accelerator.device), plan.loss)
             accelerator.backward(micro * scale)
         loss_sum += micro.detach()
     assert model.training, "training step in eval mode: checkpointing and dropout would be off"
-    params = [p for p in model.parameters() if p.requires_grad]
-    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # sharded: a DTensor
-    optimizer.step()
+    grad_norm = clip_gradients(accelerator, model, state.cfg.train.max_grad_norm)
+    state.optimizer.step()
     if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped it, keep the schedule
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+        state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
     loss = float(accelerator.reduce(loss_sum, "sum")) / max(targets, 1)
-    return loss, float(grad_norm), tokens
+    return loss, grad_norm, tokens
 
 
-def evaluate(model: Any, samples: list[dict], batch_size: int, pad_id: int, accelerator: Accelerator,
-             plan: DevicePlan | None = None) -> float:
+def eval_loss(state: RunState) -> float:
     """Token-mean loss over the eval samples (each process takes a share), in eval mode; train mode after."""
     import torch
 
+    model, accelerator, samples = state.model, state.accelerator, state.data.eval
+    batch_size = state.cfg.train.batch_size
     model.eval()
     local = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     stride = batch_size * accelerator.num_processes
@@ -207,9 +191,9 @@ def evaluate(model: Any, samples: list[dict], batch_size: int, pad_id: int, acce
         # share has run out repeats the first batch and does not count it
         for start in range(0, len(samples), stride):
             mine = samples[start + accelerator.process_index * batch_size:][:batch_size]
-            batch = make_batch(mine or samples[:batch_size], pad_id, plan)
+            batch = make_batch(mine or samples[:batch_size], state.pad_id, state.plan)
             with accelerator.autocast():
-                loss = float(token_loss_sum(model, _to(batch, accelerator.device)))
+                loss = float(causal_lm_loss_sum(model, _to(batch, accelerator.device), state.plan.loss))
             if mine:
                 local[0] += loss
                 local[1] += target_count(batch)
@@ -282,28 +266,36 @@ def build_model(cfg: Config, model_dir: Path, accelerator: Accelerator, plan: De
     return model
 
 
-def _build_training(cfg: Config, model_dir: Path, accelerator: Accelerator, device_plan: DevicePlan, total: int,
-                    sharded: bool) -> tuple[Any, Any, Any, tuple[int, int], list[str]]:
-    """Model (placed, sharded or prepared), optimizer, schedule, (trainable, total) parameters, plan notes."""
-    model = build_model(cfg, model_dir, accelerator, device_plan)
+def _build_training(state: RunState, model_dir: Path) -> tuple[tuple[int, int], list[str]]:
+    """Model (placed: sharded or prepared by accelerate), optimizer and schedule, into `state`. Returns
+    (trainable, total) parameter counts and notes for the plan line."""
+    cfg, accelerator = state.cfg, state.accelerator
+    model = build_model(cfg, model_dir, accelerator, state.plan)
+    state.plan = state.plan.for_model(model)
     reset_peak_memory(accelerator.device)  # the peak we report is training's, not quantisation's while loading
     counts = count_parameters(model)
     notes = []
-    host_bytes = keep_input_embeddings_on_host(model) if device_plan.offload else 0
+    host_bytes = keep_input_embeddings_on_host(model) if state.plan.offload else 0
     if host_bytes:
         notes.append(f"input embeddings in host memory ({host_bytes / 2**20:.0f} MiB of GPU memory freed)")
-    if sharded:  # before the optimizer: sharding replaces the parameters
-        model = shard(model)
-        notes.append(f"weights, gradients and optimizer states sharded over {accelerator.num_processes} processes "
-                     "(FSDP)")
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train,
-                                device_plan.optimizer)
-    scheduler = build_scheduler(optimizer, cfg.train, total)
-    if not sharded:  # accelerate would wrap a sharded model in DDP too; its checkpoints come from train/shard.py
-        model, optimizer = accelerator.prepare(model, optimizer)
+    model = shard(model, state.plan)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train, state.plan.optimizer)
+    state.scheduler = build_scheduler(optimizer, cfg.train, state.total)
+    state.model, state.optimizer = prepare(accelerator, model, optimizer, state.plan)
     install_weight_hooks(accelerator)
-    accelerator.register_for_checkpointing(scheduler)
-    return model, optimizer, scheduler, counts, notes
+    accelerator.register_for_checkpointing(state.scheduler)
+    return counts, notes
+
+
+def _plans(cfg: Config, model_dir: Path, data: TrainData,
+           accelerator: Accelerator | None) -> tuple[DevicePlan, StepPlan]:
+    """How this device runs a step (every `auto` decided once) and which rows each step takes on this process;
+    without an accelerator (--dry-run), this machine's default device as the only process."""
+    seq_len = cfg.data.max_length or max((len(row["input_ids"]) for row in data.train), default=1)
+    device, processes, rank = (accelerator.device, accelerator.num_processes, accelerator.process_index) \
+        if accelerator else (default_device(), 1, 0)
+    plan = plan_device(cfg, model_dir, device, seq_len, processes)
+    return plan, StepPlan(len(data.train), plan.micro_batch, plan.grad_accum, cfg.train.seed, processes, rank)
 
 
 def _describe_plan(plan: StepPlan, total: int, cfg: Config, trainable: int, params: int) -> str:
@@ -322,8 +314,15 @@ def _say(console: Console, text: str) -> None:
 
 
 def _dry_run(console: Console, cfg: Config, model_dir: Path, tokenizer: Any, template: ChatTemplate,
-             data: TrainData, plan: StepPlan, total: int, run: RunFolder, device_plan: DevicePlan) -> TrainResult:
+             run: RunFolder) -> TrainResult:
     """What would train, without loading weights (parameter counts come from a meta-device copy)."""
+    replay_file = cache_path(cfg, model_dir, template) if cfg.data.replay else None
+    replay = read_answers(replay_file) if replay_file and replay_file.is_file() else None
+    if cfg.data.replay and replay is None:
+        _say(console, "replay: the base model's answers are generated when training starts (not counted here)")
+    data = build_dataset(cfg, tokenizer, template, replay)
+    device_plan, plan = _plans(cfg, model_dir, data, None)
+    total = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
     trainable, params = count_parameters_without_weights(model_dir, cfg.lora, cfg.model.trust_remote_code)
     cfg.versions = library_versions()
     _say(console, dump_config(cfg))
@@ -334,21 +333,23 @@ def _dry_run(console: Console, cfg: Config, model_dir: Path, tokenizer: Any, tem
     return TrainResult(run.root, 0, trainable=trainable, total=params)
 
 
-def _restore(accelerator: Accelerator, checkpoint: Path, run: RunFolder, plan: StepPlan, console: Console,
-             sharded_parts: tuple[Any, Any] | None = None) -> int:
+def _restore(state: RunState, checkpoint: Path, console: Console) -> int:
     """Load a checkpoint; cut metrics/samples back to its step so the record stays continuous. Returns the step."""
-    state = load_checkpoint(accelerator, checkpoint, sharded_parts)
-    step = int(state["step"])
-    if accelerator.is_main_process:
+    saved = load_checkpoint(state, checkpoint)
+    step, plan, run = int(saved["step"]), state.steps, state.run
+    if state.main:
         truncate_jsonl(run.metrics_path, step)
         truncate_jsonl(run.samples_path, step)
         _say(console, f"resumed from {checkpoint} at step {step}")
-        saved_rows = state.get("rows_per_step", (state.get("batch_size") or 0) * (state.get("grad_accum") or 0))
-        same = (state.get("rows"), saved_rows, state.get("processes"), state.get("seed")) == (
+        saved_rows = saved.get("rows_per_step", (saved.get("batch_size") or 0) * (saved.get("grad_accum") or 0))
+        same = (saved.get("rows"), saved_rows, saved.get("processes"), saved.get("seed")) == (
             plan.num_rows, plan.batch_size * plan.grad_accum, plan.world_size, plan.seed)
         if not same:
             _say(console, "note: data, batch, accumulation, process count or seed changed since that checkpoint; "
                           "the data order from here differs from an uninterrupted run")
+        if step >= state.total:
+            _say(console, f"note: {checkpoint} is at step {step} and this config trains {state.total} steps: "
+                          "nothing left to train (raise train.max_steps or train.epochs to go on)")
     return step
 
 
@@ -368,16 +369,7 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
     tokenizer = load_tokenizer(model_dir, cfg.model.trust_remote_code)
     template = resolve_template(cfg.model.template, tokenizer, model_dir)
     if dry_run:
-        replay_file = cache_path(cfg, model_dir, template) if cfg.data.replay else None
-        replay = read_answers(replay_file) if replay_file and replay_file.is_file() else None
-        if cfg.data.replay and replay is None:
-            _say(console, "replay: the base model's answers are generated when training starts (not counted here)")
-        data = build_dataset(cfg, tokenizer, template, replay)
-        seq_len = cfg.data.max_length or max((len(row["input_ids"]) for row in data.train), default=1)
-        device_plan = plan_device(cfg, model_dir, default_device(), seq_len)
-        plan = StepPlan(len(data.train), device_plan.micro_batch, device_plan.grad_accum, cfg.train.seed)
-        total = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
-        return _dry_run(console, cfg, model_dir, tokenizer, template, data, plan, total, run, device_plan)
+        return _dry_run(console, cfg, model_dir, tokenizer, template, run)
 
     accelerator = make_accelerator(cfg)
     try:
@@ -388,15 +380,8 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
                 replay = base_answers(cfg, model_dir, tokenizer, template, str(accelerator.device),
                                       say=lambda text: _say(console, text) if main else None)
         data = build_dataset(cfg, tokenizer, template, replay)
-        seq_len = cfg.data.max_length or max((len(row["input_ids"]) for row in data.train), default=1)
-        sharded = cfg.train.distributed == "fsdp" and accelerator.num_processes > 1
-        if sharded and accelerator.mixed_precision == "fp16":
-            raise UserError("train.distributed=fsdp needs bf16 (Ampere or newer GPUs) or fp32: fp16 loss scaling is "
-                            "not sharded; use train.distributed=ddp or model.dtype=fp32")
-        device_plan = plan_device(cfg, model_dir, accelerator.device, seq_len)
-        plan = StepPlan(len(data.train), device_plan.micro_batch, device_plan.grad_accum, cfg.train.seed,
-                        accelerator.num_processes, accelerator.process_index)
-        total = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
+        state = RunState(cfg, run, accelerator, *_plans(cfg, model_dir, data, accelerator), data, tokenizer,
+                         template)
         if main:
             if checkpoint is None:
                 start_fresh(run, resume, overwrite)
@@ -409,33 +394,22 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
         accelerator.wait_for_everyone()
 
         set_seed(cfg.train.seed)
-        model, optimizer, scheduler, (trainable, params), notes = _build_training(cfg, model_dir, accelerator,
-                                                                                  device_plan, total, sharded)
-        sharded_parts = (model, optimizer) if sharded else None
-        step = _restore(accelerator, checkpoint, run, plan, console, sharded_parts) if checkpoint is not None else 0
-        if main and checkpoint is not None and step >= total:
-            _say(console, f"note: {checkpoint} is at step {step} and this config trains {total} steps: nothing left "
-                          "to train (raise train.max_steps or train.epochs to go on)")
+        (trainable, params), notes = _build_training(state, model_dir)
+        step = _restore(state, checkpoint, console) if checkpoint is not None else 0
         if main:
             _say(console, data.describe())
-            _say(console, _describe_plan(plan, total, cfg, trainable, params))
-            _say(console, device_plan.describe())
+            _say(console, _describe_plan(state.steps, state.total, cfg, trainable, params))
+            _say(console, state.plan.describe())
             for note in notes:
                 _say(console, f"      {note}")
         result = TrainResult(run.root, step, trainable=trainable, total=params,
-                             model=accelerator.unwrap_model(model), tokenizer=tokenizer)
+                             model=accelerator.unwrap_model(state.model), tokenizer=tokenizer)
         recorder = Recorder(run, cfg, console, enabled=main)
         try:
-            _fit(cfg, run, model, tokenizer, template, data, plan, total, step, optimizer, scheduler, accelerator,
-                 recorder, console, result, device_plan)
+            _fit(state, result, recorder, console)
         finally:
             recorder.close()
-        weights = full_trainable_state(model) if sharded else None  # collective: every process gathers
-        if main:
-            export_weights(accelerator.unwrap_model(model), tokenizer, template, run, cfg, weights)
-            plot_loss(run.root)
-            _say(console, f"done: {run.root} (continue with: lowtune chat {run.root})")
-        accelerator.wait_for_everyone()
+        _export(state, console)
         return result
     finally:
         # a process group left to the interpreter's exit can abort a finished worker (gloo threads: SIGABRT)
@@ -453,31 +427,23 @@ def _note_changed_settings(run: RunFolder, cfg: Config, console: Console) -> Non
                       f"the run's own settings: lowtune train {run.config_path} --resume auto")
 
 
-def _fit(cfg: Config, run: RunFolder, model: Any, tokenizer: Any, template: ChatTemplate, data: TrainData,
-         plan: StepPlan, total: int, step: int, optimizer: Any, scheduler: Any, accelerator: Accelerator,
-         recorder: Recorder, console: Console, result: TrainResult, device_plan: DevicePlan) -> None:
-    """The step loop: eval + samples at step 0, every eval.every and at the end; checkpoints every save_every."""
-    main = accelerator.is_main_process
-    sharded = is_sharded(model)
-    pad_id = tokenizer.pad_token_id
+def _fit(state: RunState, result: TrainResult, recorder: Recorder, console: Console) -> None:
+    """The step loop from result.steps: eval + samples at step 0, every eval.every and at the end; checkpoints every
+    save_every. Each step's loss goes into `result`."""
+    cfg, main, step, total = state.cfg, state.main, result.steps, state.total
     meter = Throughput(first_step=step, total_steps=total)
-
-    def trainer_state(at: int) -> dict:
-        return {"step": at, "epoch": round(plan.epoch_of(at), 4), "total_steps": total, "rows": plan.num_rows,
-                "rows_per_step": plan.batch_size * plan.grad_accum, "batch_size": plan.batch_size,
-                "grad_accum": plan.grad_accum, "processes": plan.world_size, "seed": plan.seed}
 
     # a live bar only on a terminal; logs (CI, nohup) get the plain step lines alone
     with ProgressBar(console, total, step, enabled=main and console.is_terminal) as bar, StopRequest() as stop:
         def observe(at: int) -> None:
-            if data.eval:
-                eval_loss = evaluate(model, data.eval, cfg.train.batch_size, pad_id, accelerator, device_plan)
-                recorder.log({"step": at, "eval_loss": round(eval_loss, 6)})
+            if state.data.eval:
+                loss = eval_loss(state)
+                recorder.log({"step": at, "eval_loss": round(loss, 6)})
                 if main:
-                    bar.print(f"step {at}: eval loss {eval_loss:.4f}")
-            if main or sharded:  # sharded layers gather collectively: every process generates, rank 0 writes
-                samples = write_samples(accelerator.unwrap_model(model), tokenizer, template, cfg.eval, at, run,
-                                        bar.print, enabled=main)
+                    bar.print(f"step {at}: eval loss {loss:.4f}")
+            if answers_here(state.accelerator, state.plan):
+                samples = write_samples(state.accelerator.unwrap_model(state.model), state.tokenizer, state.template,
+                                        cfg.eval, at, state.run, bar.print, enabled=main)
                 if main:
                     result.samples = samples
 
@@ -485,19 +451,17 @@ def _fit(cfg: Config, run: RunFolder, model: Any, tokenizer: Any, template: Chat
             observe(0)
         while step < total:
             started = time.perf_counter()
-            loss, grad_norm, tokens = train_step(model, optimizer, scheduler, accelerator, data.train,
-                                                 plan.window(step + 1), pad_id, cfg.train.max_grad_norm,
-                                                 device_plan)
+            loss, grad_norm, tokens = train_step(state, state.steps.window(step + 1))
             step_s = time.perf_counter() - started  # train_step returns Python floats: the device has finished
             step += 1
             result.steps = step
             result.losses.append(loss)
             meter.update(tokens, step_s)
             tokens_per_s, eta = meter.rates(step)
-            row = {"step": step, "epoch": round(plan.epoch_of(step), 4), "loss": round(loss, 6),
-                   "lr": scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 6),
+            row = {"step": step, "epoch": round(state.steps.epoch_of(step), 4), "loss": round(loss, 6),
+                   "lr": state.scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 6),
                    "tokens_per_s": round(tokens_per_s, 1), "step_s": round(step_s, 4), "tokens": tokens,
-                   "peak_mem_gb": round(peak_memory_gb(accelerator.device), 3),
+                   "peak_mem_gb": round(peak_memory_gb(state.accelerator.device), 3),
                    "eta": format_eta(eta)}
             recorder.log(row)
             if main:
@@ -507,14 +471,25 @@ def _fit(cfg: Config, run: RunFolder, model: Any, tokenizer: Any, template: Chat
                               f"  {tokens_per_s:.0f} tok/s  mem {row['peak_mem_gb']:.2f} GiB  eta {row['eta']}")
             if step % cfg.eval.every == 0 or step == total:
                 observe(step)
-            stopping = stop.agreed(accelerator)
+            stopping = stop.agreed(state.accelerator)
             if step % cfg.train.save_every == 0 or step == total or stopping:
-                path = save_checkpoint(accelerator, run, step, trainer_state(step), cfg.train.save_limit,
-                                       (model, optimizer) if sharded else None)
+                path = save_checkpoint(state, step)
                 if main and step != total:
                     bar.print(f"saved {path}")
             if stopping:
                 if main:
-                    bar.print(f"interrupted at step {step}: saved {run.checkpoint_dir(step)}; continue with "
-                              f"`lowtune train {run.config_path} --resume auto`")
+                    bar.print(f"interrupted at step {step}: saved {state.run.checkpoint_dir(step)}; continue with "
+                              f"`lowtune train {state.run.config_path} --resume auto`")
                 raise KeyboardInterrupt
+
+
+def _export(state: RunState, console: Console) -> None:
+    """adapter/ or model/ and loss.png into the run folder (rank 0; the weights of a sharded model are gathered by
+    every process first)."""
+    weights = gathered_weights(state.model, state.plan)
+    if state.main:
+        export_weights(state.accelerator.unwrap_model(state.model), state.tokenizer, state.template, state.run,
+                       state.cfg, weights)
+        plot_loss(state.run.root)
+        _say(console, f"done: {state.run.root} (continue with: lowtune chat {state.run.root})")
+    state.accelerator.wait_for_everyone()

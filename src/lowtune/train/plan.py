@@ -1,5 +1,6 @@
 """How a run uses its device: micro-batch split, checkpointing, activation offload, optimizer states, compile,
-attention kernel. Every `auto` setting in `train:` is decided here, once, before the model loads.
+attention kernel, loss path, and whether the weights are sharded over processes. Every `auto` setting in `train:`
+is decided here, once, before the model loads (the loss path is confirmed once the model exists).
 
 Layer 2 (train). On a GPU the memory forecast (models/memory.py) picks the fastest setting that fits: no
 checkpointing with the largest micro-batch, else checkpointing, else checkpointing with layer inputs on the CPU,
@@ -11,12 +12,15 @@ On CPU the config is taken as written, with `auto` meaning off.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from lowtune.config import Config
 from lowtune.errors import UserError
+from lowtune.kernels import LOSS_PATHS, has_plain_head
+from lowtune.kernels.loss import fused_loss_available
+from lowtune.models.load import compute_dtype
 from lowtune.models.memory import GIB, MemoryPlan, Shape, mode_name, plan_memory
 
 USABLE_SHARE = 0.8  # of free GPU memory: leaves room for the CUDA context, fragmentation and other processes
@@ -37,19 +41,31 @@ class DevicePlan:
     memory: MemoryPlan | None = None
     fit_hint: str = ""
     """What to change when the forecast does not fit."""
+    loss: str = "chunked"
+    """How the loss is computed, a key of kernels.LOSS_PATHS."""
+    processes: int = 1
+    sharded: bool = False
+    """train.distributed=fsdp over several processes: weights, gradients and optimizer states are split
+    (train/shard.py); every other run holds whole weights."""
 
     def describe(self) -> str:
         mode = mode_name(self.checkpointing, self.offload)
         extras = [self.attention] + (["compiled layers"] if self.compile else []) + (
-            ["padding-free batches"] if self.flat_batches else [])
+            ["padding-free batches"] if self.flat_batches else []) + [LOSS_PATHS[self.loss]]
         text = (f"device plan: micro-batch {self.micro_batch} x accumulation {self.grad_accum}, {mode}, "
                 f"optimizer {self.optimizer}, {', '.join(extras)}")
+        if self.sharded:
+            text += f"\n      weights, gradients and optimizer states sharded over {self.processes} processes (FSDP)"
         if self.memory is not None:
             text += f"\n      forecast peak {self.memory.peak_bytes / GIB:.1f} GiB of " \
                     f"{self.memory.capacity_bytes / GIB:.1f} GiB usable"
             if not self.memory.fits:
                 text += f" - may run out of memory: {self.fit_hint}"
         return text
+
+    def for_model(self, model: Any) -> DevicePlan:
+        """The plan once the model is built: a head the chunked loss cannot read takes the logits path."""
+        return self if self.loss == "logits" or has_plain_head(model) else replace(self, loss="logits")
 
 
 def rows_per_step(cfg: Config) -> int:
@@ -136,9 +152,17 @@ def _gpu_plan(cfg: Config, model_dir: Path, seq_len: int, capacity: int) -> Devi
                       fit_hint=fit_hint(cfg))
 
 
-def plan_device(cfg: Config, model_dir: Path, device: Any, seq_len: int) -> DevicePlan:
+def plan_device(cfg: Config, model_dir: Path, device: Any, seq_len: int, processes: int = 1) -> DevicePlan:
     """Resolve every `auto` of the train section for this device; `seq_len` = longest row of the data."""
+    import torch
+
     check_micro_batch(cfg)
-    if str(device).startswith("cuda"):
-        return _gpu_plan(cfg, Path(model_dir), seq_len, gpu_capacity_bytes())
-    return _cpu_plan(cfg)
+    sharded = cfg.train.distributed == "fsdp" and processes > 1
+    if sharded and compute_dtype(cfg.model.dtype, str(device)) == torch.float16:
+        raise UserError("train.distributed=fsdp needs bf16 (Ampere or newer GPUs) or fp32: fp16 loss scaling is "
+                        "not sharded; use train.distributed=ddp or model.dtype=fp32")
+    cuda = str(device).startswith("cuda")
+    plan = _gpu_plan(cfg, Path(model_dir), seq_len, gpu_capacity_bytes()) if cuda else _cpu_plan(cfg)
+    # a sharded head's weight is gathered only inside the model's own forward
+    loss = "logits" if sharded else "fused" if cuda and fused_loss_available() else "chunked"
+    return replace(plan, loss=loss, processes=processes, sharded=sharded)
