@@ -8,7 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from lowtune.data.formats import ReadReport, add_system, read_conversations, write_jsonl
+from lowtune.data.formats import read_conversations, write_jsonl
+from lowtune.data.messages import ReadReport, add_system
 from lowtune.errors import UserError
 
 

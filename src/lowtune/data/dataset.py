@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from lowtune.data import cache
 from lowtune.data.encode import assemble, plan_batch, truncate
-from lowtune.data.formats import ReadReport, add_system, missing_dataset, read_conversations
+from lowtune.data.formats import missing_dataset, read_conversations
+from lowtune.data.messages import ReadReport, add_system
 from lowtune.data.pack import plan_rows
 from lowtune.data.split import split_indices
 from lowtune.errors import UserError

@@ -3,146 +3,35 @@
 Layer 1. Readers accept JSONL and JSON arrays whatever the file extension (UTF-8, with or without BOM), plain text
 (one pretraining sample per line, as `datasets`' text loader does), spreadsheets and CSV (pandas), and Hugging Face
 dataset folders saved locally (`datasets`). Each record converts on its own; a record that cannot be converted is
-skipped with a reason naming `file:line` (or the sheet row), counted in a `ReadReport`.
+skipped with a reason naming `file:line` (or the sheet row), counted in a `ReadReport`. What every reader shares
+(SkipRecord, ReadReport, message validation) is in messages.py; spreadsheets, dataset folders and MS-Agent rows have
+their own modules.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lowtune.data.hfdir import dataset_folder_records
+from lowtune.data.messages import ReadReport, SkipRecord, from_xtuner, normalize_messages
+from lowtune.data.msagent import msagent_to_messages
+from lowtune.data.sheets import sheet_records
 from lowtune.errors import UserError
 from lowtune.runs import close_name_hint, share_like_open
 
-ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
 SPREADSHEET_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".csv", ".tsv")
-SHOWN_REASONS = 5
-
-
-class SkipRecord(Exception):
-    """A record that cannot be converted; the message says why."""
-
-
-@dataclass
-class ReadReport:
-    """What reading one or more sources produced: counts and the first few reasons for skipped records."""
-
-    read: int = 0
-    converted: int = 0
-    skipped: int = 0
-    reasons: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    formats: dict[str, int] = field(default_factory=dict)
-
-    def skip(self, where: str, reason: str) -> None:
-        self.skipped += 1
-        if len(self.reasons) < SHOWN_REASONS:
-            self.reasons.append(f"{where}: {reason}")
-
-    def note(self, where: str, text: str) -> None:
-        if len(self.notes) < SHOWN_REASONS:
-            self.notes.append(f"{where}: {text}")
-
-    def describe(self) -> str:
-        lines = [f"{self.converted} conversations from {self.read} records"
-                 + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.formats.items()))})" if self.formats else "")]
-        if self.skipped:
-            lines.append(f"skipped {self.skipped}; first reasons:")
-            lines += [f"  {r}" for r in self.reasons]
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
 
 
 # --- canonical messages (also OpenAI `messages`) ------------------------------------------------------------------
 
-def _loss_flag(value: Any) -> bool:
-    """XTuner's rule: missing -> True; a bool as is; a string compares case-insensitively to 'true'."""
-    if value is None or isinstance(value, bool):
-        return value is not False
-    if isinstance(value, str):
-        return value.strip().lower() == "true"
-    raise SkipRecord(f"'loss' must be true or false (got {value!r})")
-
-
-def normalize_messages(messages: Any) -> list[dict]:
-    """Validated canonical messages, following XTuner's openai_map_fn rules.
-
-    Leading assistant messages are dropped (unless the answer is all there is: a pretraining sample); consecutive
-    user messages are joined with no separator; roles other than system/user/assistant are rejected.
-    """
-    if not isinstance(messages, list) or not messages:
-        raise SkipRecord("'messages' must be a non-empty list")
-    out: list[dict] = []
-    for n, msg in enumerate(messages, 1):
-        if not isinstance(msg, dict):
-            raise SkipRecord(f"message {n} is not an object")
-        role, content = msg.get("role"), msg.get("content")
-        if role not in ROLES:
-            raise SkipRecord(f"message {n} has role {role!r}; use system, user or assistant")
-        if not isinstance(content, str):
-            raise SkipRecord(f"message {n} ({role}) has no text content")
-        if role != "system" and not content.strip():
-            raise SkipRecord(f"message {n} ({role}) is empty")
-        item = {"role": role, "content": content}
-        if role == "assistant" and not _loss_flag(msg.get("loss")):
-            item["loss"] = False
-        if role == "user" and out and out[-1]["role"] == "user":
-            out[-1]["content"] += content
-            continue
-        out.append(item)
-    out = [m for m in out if m["role"] != "system" or m["content"].strip()]
-    if [m["role"] for m in out] != ["assistant"]:
-        first_user = next((i for i, m in enumerate(out) if m["role"] == "user"), None)
-        if first_user is None:
-            raise SkipRecord("no user message")
-        out = [m for i, m in enumerate(out) if m["role"] != "assistant" or i > first_user]
-    if not any(m["role"] == "assistant" for m in out):
-        raise SkipRecord("no assistant answer")
-    return out
-
-
 def from_messages(record: dict) -> list[dict]:
     return normalize_messages(record.get("messages"))
-
-
-# --- XTuner conversation -------------------------------------------------------------------------------------------
-
-def _text(turn: dict, key: str, n: int) -> str:
-    value = turn.get(key, "")
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise SkipRecord(f"turn {n} '{key}' must be text (got {type(value).__name__})")
-    return value
-
-
-def from_xtuner(record: dict) -> list[dict]:
-    """{"conversation": [{"system", "input", "output"}, ...]}; one turn with only output = incremental pretraining."""
-    turns = record.get("conversation")
-    if not isinstance(turns, list) or not turns:
-        raise SkipRecord("'conversation' must be a non-empty list of turns")
-    messages: list[dict] = []
-    for n, turn in enumerate(turns, 1):
-        if not isinstance(turn, dict):
-            raise SkipRecord(f"turn {n} is not an object")
-        system, user, answer = _text(turn, "system", n), _text(turn, "input", n), _text(turn, "output", n)
-        if not answer.strip():
-            raise SkipRecord(f"turn {n} has no output")
-        if system.strip():
-            messages.append({"role": "system", "content": system})
-        if user.strip():
-            messages.append({"role": "user", "content": user})
-        elif n == 1 and len(turns) > 1:
-            raise SkipRecord("turn 1 has no input")
-        messages.append({"role": "assistant", "content": answer})
-    return normalize_messages(messages)
 
 
 # --- Alpaca --------------------------------------------------------------------------------------------------------
@@ -220,21 +109,13 @@ def from_text(record: dict) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
-# --- MS-Agent -> ReAct ---------------------------------------------------------------------------------------------
-
-def from_msagent(record: dict) -> list[dict]:
-    from lowtune.data.msagent import msagent_to_messages
-
-    return msagent_to_messages(record)
-
-
 CONVERTERS: dict[str, Callable[[dict], list[dict]]] = {
     "messages": from_messages,
     "xtuner": from_xtuner,
     "alpaca": from_alpaca,
     "sharegpt": from_sharegpt,
     "guanaco": from_guanaco,
-    "msagent": from_msagent,
+    "msagent": msagent_to_messages,  # MS-Agent -> ReAct
     "text": from_text,
 }
 FORMATS = ("auto", *CONVERTERS)
@@ -323,14 +204,10 @@ def iter_records(path: Path, sheet: str | None = None, mapping: dict[str, str] |
     """(where, record) pairs from any supported source; a record may be a SkipRecord to count."""
     path = Path(path)
     if path.is_dir():
-        from lowtune.data.hfdir import dataset_folder_records
-
         yield from dataset_folder_records(path)
     elif not path.is_file():
         raise missing_dataset(path)
     elif path.suffix.lower() in SPREADSHEET_SUFFIXES:
-        from lowtune.data.sheets import sheet_records
-
         yield from sheet_records(path, sheet, mapping, system)
     elif path.suffix.lower() in (".txt", ".md"):
         yield from _text_records(path)
@@ -362,13 +239,6 @@ def read_conversations(path: str | Path, fmt: str = "auto", report: ReadReport |
         yield where, messages
 
 
-def add_system(messages: list[dict], system: str | None) -> list[dict]:
-    """Prepend a system prompt to a conversation that has none (pretraining samples are left alone)."""
-    if not system or any(m["role"] == "system" for m in messages) or messages[0]["role"] != "user":
-        return messages
-    return [{"role": "system", "content": system}, *messages]
-
-
 def write_jsonl(path: Path, conversations: Iterator[list[dict]] | list[list[dict]]) -> int:
     """Write canonical JSONL atomically (temp file + rename); returns the number of lines."""
     import os
@@ -391,13 +261,3 @@ def write_jsonl(path: Path, conversations: Iterator[list[dict]] | list[list[dict
     return count
 
 
-def literal(text: str) -> Any:
-    """Parse a JSON or Python-literal string (never `eval`)."""
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, TypeError):
-        pass
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
-        raise SkipRecord(f"not a JSON or Python literal ({type(exc).__name__})") from None

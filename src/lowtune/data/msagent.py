@@ -13,7 +13,7 @@ import json
 import re
 from typing import Any
 
-from lowtune.data.formats import SkipRecord, from_xtuner, literal
+from lowtune.data.messages import SkipRecord, from_xtuner, literal
 
 THINK = re.compile(r"(.*?)(<\|startofthink\|>)(.*?)(<\|endofthink\|>)", re.DOTALL)
 EXEC = re.compile(r"(<\|startofexec\|>)(.*?)(<\|endofexec\|>)(.*?)$", re.DOTALL)

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lowtune.data.encode import IGNORE_INDEX, encode_many, has_loss, is_pretraining, truncate
-from lowtune.data.formats import ReadReport, add_system, read_conversations
+from lowtune.data.formats import read_conversations
+from lowtune.data.messages import ReadReport, add_system
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

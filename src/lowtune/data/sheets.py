@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lowtune.data.formats import SkipRecord
+from lowtune.data.messages import SkipRecord
 from lowtune.errors import UserError, did_you_mean, require
 
 GUESSES = {"input": ("input", "question", "instruction", "prompt", "query"),

@@ -11,6 +11,8 @@ import math
 import random
 from pathlib import Path
 
+from lowtune.data.formats import read_conversations, write_jsonl
+from lowtune.data.messages import ReadReport
 from lowtune.errors import UserError
 
 
@@ -28,8 +30,6 @@ def split_indices(count: int, fraction: float, seed: int) -> tuple[list[int], li
 
 def split_file(path: Path, fraction: float, seed: int) -> tuple[Path, Path, int, int]:
     """Write <stem>.train.jsonl and <stem>.test.jsonl next to `path`; returns both paths and their sizes."""
-    from lowtune.data.formats import ReadReport, read_conversations, write_jsonl
-
     report = ReadReport()
     conversations = [m for _, m in read_conversations(path, "auto", report)]
     if report.skipped:
