@@ -11,8 +11,11 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from lowtune.config import Config, build_config, parse_yaml
 from lowtune.errors import UserError, did_you_mean
@@ -21,8 +24,13 @@ CHECKPOINT_PREFIX = "step-"
 COMPLETE_MARKER = "COMPLETE"  # written last inside a checkpoint: its absence means "never resume from here"
 ADAPTER_CONFIG = "adapter_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
+GENERATION_CONFIG = "generation_config.json"
+"""Stop ids (eos_token_id) of a run, and the same HF file in model folders."""
+ADAPTER_DIR = "adapter"
+"""PEFT adapter folder of a LoRA/QLoRA run, and inside each of its checkpoints."""
 FULL_MODEL_DIR = "model"
 """Run-folder subfolder holding the full HF model after full fine-tuning (LoRA runs write adapter/ instead)."""
+TENSORBOARD_DIR = "tensorboard"
 
 
 @dataclass(frozen=True)
@@ -39,11 +47,11 @@ class RunFolder:
 
     @property
     def generation_config_path(self) -> Path:
-        return self.root / "generation_config.json"
+        return self.root / GENERATION_CONFIG
 
     @property
     def adapter_dir(self) -> Path:
-        return self.root / "adapter"
+        return self.root / ADAPTER_DIR
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -75,14 +83,14 @@ class RunFolder:
 
     @property
     def tensorboard_dir(self) -> Path:
-        return self.root / "tensorboard"
+        return self.root / TENSORBOARD_DIR
 
     def trained_weights(self) -> Path | None:
         """adapter/ or model/ of a finished run, else the newest complete checkpoint's; None before any."""
         candidates = [self.adapter_dir, self.full_model_dir]
         latest = self.latest_checkpoint()
         if latest is not None:
-            candidates += [latest / "adapter", latest / FULL_MODEL_DIR, latest]
+            candidates += [latest / ADAPTER_DIR, latest / FULL_MODEL_DIR, latest]
         return next((c for c in candidates if is_adapter_dir(c) or (c / "config.json").is_file()), None)
 
     def checkpoint_dir(self, step: int) -> Path:
@@ -211,13 +219,15 @@ def _located(weights: Path | None, run: RunFolder | None) -> Located:
                    tokenizer_dir=weights if has_tokenizer else None)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new one, never half of it."""
+@contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
+    """An open file ('w' text, 'wb' bytes) that replaces `path` when the block ends: readers see the old content or
+    the new one, never half of it; an error leaves `path` as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         share_like_open(Path(tmp))
@@ -225,6 +235,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new one, never half of it."""
+    with atomic_file(path) as handle:
+        handle.write(text)
 
 
 def share_like_open(path: Path) -> None:
@@ -260,3 +276,28 @@ def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
     else:
         final_dir.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp_dir, final_dir)
+
+
+@contextmanager
+def staged_dir(final: Path, replace: bool = True) -> Iterator[Path]:
+    """A temp folder beside `final` to write into: renamed into place when the block succeeds, removed when it fails,
+    so `final` is never seen half-written.
+
+    replace=True (merge, deploy, adapter/): an existing `final` is replaced. replace=False (caches): when another
+    process published `final` first, theirs is kept and this one is dropped.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if replace:
+            publish_dir(tmp, final)
+        else:
+            share_like_open(tmp)
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if not final.is_dir():  # nobody else published it: a real error
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

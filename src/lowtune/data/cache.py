@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
@@ -174,17 +172,6 @@ def is_complete(folder: Path) -> bool:
     return (folder / COMPLETE).is_file()
 
 
-def new_folder(final: Path) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Mark the temp folder complete and rename it into place; another process that finished first wins."""
-    (tmp / COMPLETE).write_text("", encoding="utf-8")
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not is_complete(final):
-            raise
+def mark_complete(folder: Path) -> None:
+    """Written last into a staged cache folder (runs.staged_dir), before it is renamed into place."""
+    (folder / COMPLETE).write_text("", encoding="utf-8")

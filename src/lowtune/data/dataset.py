@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ from lowtune.data.messages import ReadReport, add_system
 from lowtune.data.pack import plan_rows
 from lowtune.data.split import split_indices
 from lowtune.errors import UserError
+from lowtune.runs import staged_dir
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -168,13 +168,9 @@ def build_dataset(cfg: Config, tokenizer: PreTrainedTokenizerBase, template: Cha
         summary = DataSummary(**json.loads((folder / "summary.json").read_text(encoding="utf-8")))
         summary.cached = True
     else:
-        tmp = cache.new_folder(folder)
-        try:
+        with staged_dir(folder, replace=False) as tmp:  # another process that finished first keeps its folder
             summary = _write_cache(tmp, cfg, tokenizer, template, replay or [])
-            cache.publish(tmp, folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            cache.mark_complete(tmp)
     samples = cache.SampleStore(folder, "train")
     train = cache.load_rows(folder, samples) if cfg.data.packing else samples
     return TrainData(train=train, eval=cache.SampleStore(folder, "eval"), summary=summary)

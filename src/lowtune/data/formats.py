@@ -21,7 +21,7 @@ from lowtune.data.messages import ReadReport, SkipRecord, from_xtuner, normalize
 from lowtune.data.msagent import msagent_to_messages
 from lowtune.data.sheets import sheet_records
 from lowtune.errors import UserError
-from lowtune.runs import close_name_hint, share_like_open
+from lowtune.runs import atomic_file, close_name_hint
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
@@ -241,23 +241,11 @@ def read_conversations(path: str | Path, fmt: str = "auto", report: ReadReport |
 
 def write_jsonl(path: Path, conversations: Iterator[list[dict]] | list[list[dict]]) -> int:
     """Write canonical JSONL atomically (temp file + rename); returns the number of lines."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     count = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for messages in conversations:
-                handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
-                count += 1
-        share_like_open(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(Path(path)) as handle:
+        for messages in conversations:
+            handle.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 

@@ -14,15 +14,13 @@ folder). A local folder is used as it is; on OpenXLab a repo id is cloned from c
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from lowtune.errors import UserError
 from lowtune.export.upload import check_repo_id, locate_publishable
 from lowtune.models.resolve import resolve_model_dir
-from lowtune.runs import TEMPLATE_FILE, Located, publish_dir, read_stop_ids
+from lowtune.runs import GENERATION_CONFIG, TEMPLATE_FILE, Located, read_stop_ids, staged_dir
 from lowtune.templates import STOP_WORDS, ChatTemplate, resolve_template
 
 TARGETS = ("openxlab", "hf-space")
@@ -70,7 +68,7 @@ def app_template(pub: Located) -> tuple[ChatTemplate, list[int], str | None]:
     else:
         template = resolve_template(name, tokenizer, tok_dir, stop_words=stop_words)
     ids = template.stop_token_ids(tokenizer)
-    for path in (pub.run.generation_config_path if pub.run else None, pub.weights / "generation_config.json"):
+    for path in (pub.run.generation_config_path if pub.run else None, pub.weights / GENERATION_CONFIG):
         ids += [i for i in (read_stop_ids(path) if path else []) if i not in ids]
     system = (pub.config.eval.system or pub.config.data.system or None) if pub.config else None
     return template, ids, system
@@ -159,14 +157,9 @@ def deploy(target_dir: str | Path, target: str, out_dir: str | Path, repo: str |
              "README.md": readme(title, target, model_id, repo, pub, stop_ids)}
     if target == "openxlab":
         files["packages.txt"] = "git\ngit-lfs\n"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
-        publish_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return DeployResult(out, model_id, stop_ids, sorted(files))
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -23,8 +22,8 @@ from lowtune.errors import UserError
 from lowtune.export.card import card_for_run, write_card, write_modelscope_configuration
 from lowtune.models.load import load_model
 from lowtune.models.resolve import resolve_model_dir
-from lowtune.runs import (ADAPTER_CONFIG, Located, is_adapter_dir, is_run_folder, locate_folder, missing_folder,
-                          publish_dir, read_adapter_config, read_stop_ids)
+from lowtune.runs import (ADAPTER_CONFIG, GENERATION_CONFIG, Located, is_adapter_dir, is_run_folder, locate_folder,
+                          missing_folder, read_adapter_config, read_stop_ids, staged_dir)
 from lowtune.templates import FAMILY_TEMPLATES, STOP_WORDS, ChatTemplate, resolve_template
 
 if TYPE_CHECKING:
@@ -170,7 +169,7 @@ def _copy_base_extras(base_dir: Path, out: Path) -> None:
 def write_merged(source: Located, base_dir: Path, tmp: Path, dtype: str, max_shard_size: str) -> list[int]:
     model = merged_model(source, base_dir, dtype)
     tokenizer, template = _save_tokenizer(source, base_dir, tmp)
-    stop_ids = all_stop_ids(template, tokenizer, source.stop_ids, read_stop_ids(base_dir / "generation_config.json"))
+    stop_ids = all_stop_ids(template, tokenizer, source.stop_ids, read_stop_ids(base_dir / GENERATION_CONFIG))
     model.generation_config.eos_token_id = stop_ids
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
@@ -196,13 +195,8 @@ def merge(target: str, out_dir: str | Path, base: str | None = None, dtype: str 
     source = find_source(target, base)
     base_dir = resolve_base(source)
     dtype = choose_dtype(dtype, base_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         stop_ids = write_merged(source, base_dir, tmp, dtype, max_shard_size)
-        publish_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     shards = len(list(out.glob("*.safetensors")))
     return MergeResult(out_dir=out, dtype=dtype, shards=shards, stop_ids=stop_ids,
                        seconds=time.perf_counter() - started)

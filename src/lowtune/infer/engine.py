@@ -21,16 +21,14 @@ from lowtune.generation import Sampling, answer_batch, stream_answer
 from lowtune.models.builtin import is_builtin
 from lowtune.models.load import load_model, load_tokenizer
 from lowtune.models.resolve import is_hub_id, resolve_model_dir
-from lowtune.runs import (ADAPTER_CONFIG, TEMPLATE_FILE, Located, is_adapter_dir, is_run_folder, locate_folder,
-                          read_stop_ids)
+from lowtune.runs import (ADAPTER_CONFIG, GENERATION_CONFIG, TEMPLATE_FILE, Located, is_adapter_dir, is_run_folder,
+                          locate_folder, read_stop_ids)
 from lowtune.templates import FAMILY_TEMPLATES, STOP_WORDS, ChatTemplate, resolve_template
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from lowtune.config import Config
-
-GENERATION_CONFIG = "generation_config.json"
 
 
 # --- what to load -------------------------------------------------------------------------------------------------

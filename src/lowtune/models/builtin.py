@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
+
+from lowtune.runs import staged_dir
 
 PREFIX = "builtin:"
 BUILD_VERSION = 1  # bump when the recipe below changes: cache keys include it
@@ -61,17 +61,8 @@ def builtin_path(spec: str, seed: int = 0) -> Path:
                         f"choose one of: {', '.join(PREFIX + n for n in SPECS)}")
     target = cache_root() / _cache_key(name, seed)
     if not (target / "config.json").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
+        with staged_dir(target, replace=False) as tmp:  # another process that finished first keeps its folder
             build(name, tmp, seed)
-            try:
-                os.replace(tmp, target)
-            except OSError:  # another process finished first: keep theirs
-                shutil.rmtree(tmp, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

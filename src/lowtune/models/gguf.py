@@ -15,17 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowtune.errors import UserError
 from lowtune.models.families.base import SOURCE_KEY, ShardWriter, generation_config
-from lowtune.runs import share_like_open
+from lowtune.runs import GENERATION_CONFIG, staged_dir
 
 if TYPE_CHECKING:
     import numpy as np
@@ -121,18 +118,8 @@ def native_gguf_folder(path: Path, cache_root: Path | None = None) -> Path:
     source = read_gguf(path)
     print(f"converting {path.name} ({source.file_type}, {_size(path.stat().st_size)}) into a native folder, "
           f"once: {target}", file=sys.stderr, flush=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with staged_dir(target, replace=False) as tmp:  # another process that finished first keeps its folder
         write_native(source, tmp)
-        share_like_open(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first: keep theirs
-            pass
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -241,7 +228,7 @@ def write_native(source: GgufSource, out_dir: Path) -> None:
                                  "architecture": source.architecture, "name": source.meta("general.name")})
     config.save_pretrained(out_dir)
     gen = generation_config(out_dir, config, stop_ids)
-    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+    (out_dir / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
 
 
 def write_weights(source: GgufSource, config: Any, model: Any, out_dir: Path, dtype: str) -> None:

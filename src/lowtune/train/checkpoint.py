@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowtune.errors import UserError
-from lowtune.runs import CHECKPOINT_PREFIX, COMPLETE_MARKER, FULL_MODEL_DIR, RunFolder, atomic_write_text, publish_dir
+from lowtune.runs import (ADAPTER_DIR, CHECKPOINT_PREFIX, COMPLETE_MARKER, FULL_MODEL_DIR, RunFolder, atomic_write_text,
+                          publish_dir)
 from lowtune.train.shard import (OPTIMIZER_FILE, TRAINABLE_FILE, full_optimizer_state, full_trainable_state,
                                  load_full_state)
 from lowtune.train.state import RunState
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 TRAINER_STATE = "trainer_state.json"
-ADAPTER_DIR = "adapter"
 
 
 def is_peft(model: Any) -> bool:

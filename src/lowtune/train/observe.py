@@ -23,10 +23,6 @@ if TYPE_CHECKING:
 
     from lowtune.templates import ChatTemplate
 
-TENSORBOARD_DIR = "tensorboard"
-"""Run-folder subfolder for TensorBoard event files (only when log.to lists tensorboard)."""
-
-
 def peak_memory_gb(device: Any) -> float:
     """Peak accelerator memory allocated by this process (GiB); on CPU the peak resident set size."""
     import torch
@@ -91,7 +87,7 @@ class Recorder:
                     console.print("note: tensorboard is not installed, skipping it "
                                   "(pip install 'lowtune[tensorboard]')", markup=False)
                     continue
-                self.trackers.append(("tensorboard", SummaryWriter(str(run.root / TENSORBOARD_DIR))))
+                self.trackers.append(("tensorboard", SummaryWriter(str(run.tensorboard_dir))))
             elif name == "wandb":
                 import wandb
 

@@ -6,13 +6,12 @@ Layer 2 (train). Chat, eval, merge, web and serve read these files and need noth
 
 from __future__ import annotations
 
-import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowtune.config import Config, dump_config
-from lowtune.runs import FULL_MODEL_DIR, TEMPLATE_FILE, RunFolder, atomic_write_text, publish_dir
+from lowtune.runs import GENERATION_CONFIG, TEMPLATE_FILE, RunFolder, atomic_write_text, staged_dir
 from lowtune.templates import ChatTemplate
 from lowtune.train.checkpoint import is_peft, save_trained
 
@@ -36,7 +35,7 @@ def generation_config_json(model_dir: Path, tokenizer: PreTrainedTokenizerBase, 
     """The base model's generation config with eos_token_id = every stop id of the template."""
     from transformers import GenerationConfig
 
-    base = GenerationConfig.from_pretrained(str(model_dir)) if (model_dir / "generation_config.json").is_file() \
+    base = GenerationConfig.from_pretrained(str(model_dir)) if (model_dir / GENERATION_CONFIG).is_file() \
         else GenerationConfig()
     base.eos_token_id = stop_ids
     base.pad_token_id = tokenizer.pad_token_id
@@ -65,17 +64,15 @@ def export_weights(model: Any, tokenizer: PreTrainedTokenizerBase, template: Cha
 
     `state_dict`: the trained weights gathered from a sharded model (train/shard.py); else the model's own."""
     peft = is_peft(model)
-    final = run.adapter_dir if peft else run.root / FULL_MODEL_DIR
-    tmp = final.with_name(f".{final.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    final = run.adapter_dir if peft else run.full_model_dir
     if peft:
         for config in model.peft_config.values():
             config.base_model_name_or_path = cfg.model.path  # the spec the user gave, not a cache path
-    model.config.use_cache = True  # what inference wants; training turned it off
-    save_trained(model, tmp, state_dict=state_dict)
-    model.config.use_cache = False
-    _save_tokenizer(tokenizer, template, tmp)
-    if not peft:
-        atomic_write_text(tmp / "generation_config.json", run.generation_config_path.read_text(encoding="utf-8"))
-    publish_dir(tmp, final)
+    with staged_dir(final) as tmp:
+        model.config.use_cache = True  # what inference wants; training turned it off
+        save_trained(model, tmp, state_dict=state_dict)
+        model.config.use_cache = False
+        _save_tokenizer(tokenizer, template, tmp)
+        if not peft:
+            atomic_write_text(tmp / GENERATION_CONFIG, run.generation_config_path.read_text(encoding="utf-8"))
     return final

@@ -5,12 +5,10 @@ Layer 2 (train). `lowtune plot RUN` calls `plot_loss` on any run folder, finishe
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 from lowtune.errors import UserError
-from lowtune.runs import RunFolder, is_run_folder, share_like_open
+from lowtune.runs import RunFolder, atomic_file, is_run_folder
 from lowtune.train.observe import read_jsonl
 
 
@@ -40,13 +38,9 @@ def plot_loss(run_dir: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=".loss.", suffix=".png", dir=run.root)
-    os.close(fd)
     try:
-        fig.savefig(tmp)
-        share_like_open(Path(tmp))
-        os.replace(tmp, run.loss_plot_path)
+        with atomic_file(run.loss_plot_path, "wb") as handle:
+            fig.savefig(handle, format="png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
     return run.loss_plot_path

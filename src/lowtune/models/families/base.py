@@ -13,12 +13,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowtune.errors import UserError
+from lowtune.runs import GENERATION_CONFIG, staged_dir
 
 if TYPE_CHECKING:
     import torch
@@ -209,7 +209,7 @@ def expected_names(native_config: Any) -> set[str]:
 
 def generation_config(folder: Path, native_config: Any, stop_ids: list[int]) -> dict:
     """The source generation_config.json with every stop id in eos_token_id."""
-    path = folder / "generation_config.json"
+    path = folder / GENERATION_CONFIG
     source = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     eos = source.get("eos_token_id", native_config.eos_token_id)
     eos_ids = [*(eos if isinstance(eos, list) else [eos] if eos is not None else [])]
@@ -245,7 +245,7 @@ def convert(family: Family, folder: Path, out_dir: Path, config: dict,
     stop_ids = family.write_tokenizer(folder, out_dir, config)
     native.save_pretrained(out_dir)
     gen = generation_config(folder, native, stop_ids)
-    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
+    (out_dir / GENERATION_CONFIG).write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
     for name in KEEP_FILES:
         if (folder / name).is_file():
             shutil.copyfile(folder / name, out_dir / name)
@@ -257,15 +257,6 @@ def native_folder(family: Family, folder: Path, cache_root: Path) -> Path:
     target = cache_root / f"{family.name}-{folder.resolve().name}-{cache_key(family, folder)}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with staged_dir(target, replace=False) as tmp:  # another process that finished first keeps its folder
         convert(family, folder, tmp, config)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first: keep theirs
-            pass
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target
