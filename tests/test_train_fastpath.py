@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from lowtune.config import Config
+from lowtune.data.collate import collate, collate_flat, target_count
 from lowtune.data.pack import pack_samples
 from lowtune.errors import UserError
 from lowtune.kernels import causal_lm_loss_sum
-from lowtune.train.batches import collate, collate_flat, target_count
 from lowtune.train.loop import train_step
 from lowtune.train.plan import DevicePlan, plan_device
 

@@ -9,13 +9,14 @@ import pytest
 import torch
 
 from lowtune.config import Config, LoraSection, TrainSection
+from lowtune.data.collate import collate, target_count
 from lowtune.data.dataset import DataSummary, TrainData
 from lowtune.data.encode import encode_conversation
 from lowtune.data.pack import pack_samples
 from lowtune.kernels import causal_lm_loss_sum
 from lowtune.models.load import apply_lora, load_model, load_tokenizer
 from lowtune.templates import resolve_template
-from lowtune.train.batches import StepPlan, collate, target_count
+from lowtune.train.batches import StepPlan
 from lowtune.train.loop import train_step
 from lowtune.train.optim import build_scheduler
 from lowtune.train.plan import DevicePlan

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from lowtune.data.collate import collate, target_count
 from lowtune.data.dataset import encode_all, iter_sources
-from lowtune.data.encode import IGNORE_INDEX
 from lowtune.data.formats import ReadReport
 from lowtune.errors import UserError
 from lowtune.generation import Sampling
@@ -107,25 +107,19 @@ def _batches(rows: list[dict], budget: int = TOKENS_PER_BATCH) -> list[list[dict
 
 
 def loss_sum(model: Any, rows: list[dict], pad_id: int, budget: int = TOKENS_PER_BATCH) -> tuple[float, int]:
-    """(sum of per-token cross-entropy, number of trained tokens) over `rows`, padded batches of `budget` tokens."""
+    """(sum of per-token cross-entropy, number of trained tokens) over `rows`, padded batches of `budget` tokens:
+    the batches and the summed loss of training (data/collate.py, kernels.causal_lm_loss_sum)."""
     import torch
-    import torch.nn.functional as F
+
+    from lowtune.kernels import causal_lm_loss_sum  # imports torch: only when a loss is computed
 
     device = next(model.parameters()).device
     total, count = 0.0, 0
-    for batch in _batches(rows, budget):
-        width = max(len(r["input_ids"]) for r in batch)
-        ids = torch.tensor([r["input_ids"] + [pad_id] * (width - len(r["input_ids"])) for r in batch], device=device)
-        labels = torch.tensor([r["labels"] + [IGNORE_INDEX] * (width - len(r["labels"])) for r in batch],
-                              device=device)
-        mask = (torch.arange(width, device=device)[None, :] <
-                torch.tensor([len(r["input_ids"]) for r in batch], device=device)[:, None]).long()
+    for rows_of_batch in _batches(rows, budget):
+        batch = {k: v.to(device) for k, v in collate(rows_of_batch, pad_id).items()}
         with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        target = labels[:, 1:]
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                 ignore_index=IGNORE_INDEX, reduction="sum").item()
-        count += int((target != IGNORE_INDEX).sum())
+            total += causal_lm_loss_sum(model, batch, "logits").item()
+        count += target_count(batch)
     return total, count
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lowtune.config import Config, check_combination, config_changes, dump_config
+from lowtune.data.collate import collate, collate_flat, target_count, token_count
 from lowtune.data.dataset import TrainData, build_dataset
 from lowtune.errors import UserError, require
 from lowtune.kernels import causal_lm_loss_sum, compile_layers, enable_fast_path
@@ -33,7 +34,7 @@ from lowtune.models.placement import keep_input_embeddings_on_host
 from lowtune.models.resolve import resolve_model_dir
 from lowtune.runs import RunFolder, atomic_write_text
 from lowtune.templates import ChatTemplate, resolve_template, shipped
-from lowtune.train.batches import StepPlan, collate, collate_flat, target_count, token_count
+from lowtune.train.batches import StepPlan
 from lowtune.train.checkpoint import find_resume, install_weight_hooks, load_checkpoint, save_checkpoint
 from lowtune.train.observe import (ProgressBar, Recorder, Throughput, check_trackers, format_eta,
                                    peak_memory_gb, truncate_jsonl, write_samples)
