@@ -67,6 +67,8 @@ def test_bad_file_names_key_line_and_fix(tmp_path, text, expected):
     ("trian.lr=1", "unknown section 'trian' (did you mean 'train'?)"),
     ("train.lr=abc", "train.lr must be a number (got 'abc')"),
     ("model.quantization=nf5", "model.quantization must be 'nf4', 'int8' or 'none'"),
+    ("train.max_steps=0", "train.max_steps must be greater than 0 (got 0)"),
+    ("train.distributed=zero2", "train.distributed=zero2 is not available yet: several GPUs train with ddp"),
     ("train.lr", "must look like section.key=value"),
 ])
 def test_bad_override(tmp_path, override, expected):

@@ -1,4 +1,4 @@
-"""Imports flow downward only (DESIGN.md): cli > infer, export, train > data, templates, models > config; and no
+"""Imports flow downward only (docs/architecture.md): cli > infer, export, train > data, templates, models > config; and no
 two modules import each other, directly or round a longer loop (imports inside functions count too)."""
 
 import ast

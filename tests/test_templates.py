@@ -1,4 +1,4 @@
-"""Shipped chat templates against XTuner's table (xtuner-parity §7), and pinned ids + label masks on tokenizers
+"""Shipped chat templates against XTuner v0.1.23's PROMPT_TEMPLATE table (restated below), and pinned ids + label masks on tokenizers
 that carry the real special tokens at their real ids (InternLM v1, InternLM2, Qwen chatml)."""
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ DSC = ("You are an AI programming assistant, utilizing the DeepSeek Coder model,
        "privacy issues, and other non-computer science questions, you will refuse to answer. {system}\n")
 CHATML_SYS, CHATML_INST = ("<|im_start|>system\n{system}<|im_end|>\n",
                            "<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n")
-# XTuner v0.1.23 templates/utils.py, as restated in xtuner-parity §7: SYSTEM, INSTRUCTION, SUFFIX, SUFFIX_AS_EOS, SEP
+# XTuner v0.1.23 xtuner/utils/templates.py: SYSTEM, INSTRUCTION, SUFFIX, SUFFIX_AS_EOS, SEP
 XTUNER = {
     "default": ("<|System|>:{system}\n", "<|User|>:{input}\n<|Bot|>:", "", False, "\n"),
     "zephyr": ("<|system|>\n{system}\n", "<|user|>\n{input}\n<|assistant|>\n", "", False, "\n"),

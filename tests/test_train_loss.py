@@ -1,5 +1,5 @@
-"""Loss invariants of the training loop (code-style §4.11): it equals a plain transformers forward, batch x
-accumulation does not change the update, packing does not leak between samples, checkpointing is really on."""
+"""Loss invariants of the training loop: it equals a plain transformers forward, batch x accumulation does not
+change the update, packing does not leak between samples, checkpointing is really on."""
 
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ class DataSection(_Section):
     @classmethod
     def _fraction_in_range(cls, value: Any) -> Any:
         if isinstance(value, float) and not 0 < value < 1:
-            raise ValueError("a held-out fraction must be between 0 and 1 (or give a file path)")
+            raise ValueError(f"data.eval must be a held-out fraction between 0 and 1 or a file path (got {value})")
         return value
 
 
@@ -74,7 +74,8 @@ class LoraSection(_Section):
 
 class TrainSection(_Section):
     epochs: float = Field(3, gt=0)
-    max_steps: int | None = None
+    max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps to train; null = train.epochs decides."""
     batch_size: int = Field(1, gt=0)
     grad_accum: int = Field(16, gt=0)
     lr: float = Field(2.0e-4, gt=0)
@@ -97,7 +98,17 @@ class TrainSection(_Section):
     save_limit: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)
     seed: int = 42
-    distributed: Literal["auto", "ddp", "fsdp", "zero2", "zero3"] = "auto"
+    distributed: Literal["auto", "ddp", "fsdp"] = "auto"
+    """Several processes: ddp (whole weights on each) or fsdp (weights, gradients, optimizer states sharded)."""
+
+    @field_validator("distributed", mode="before")
+    @classmethod
+    def _not_zero(cls, value: Any) -> Any:
+        if value in ("zero2", "zero3"):  # DeepSpeed's names, as XTuner spells them: say what to use instead
+            raise ValueError(f"train.distributed={value} is not available yet: several GPUs train with ddp (each "
+                             "holds the whole model; QLoRA 7B fits one 8 GB card) or fsdp (weights, gradients and "
+                             "optimizer states sharded); use train.distributed=fsdp or ddp")
+        return value
 
 
 class EvalSection(_Section):
@@ -245,6 +256,10 @@ def _describe(err: dict) -> str:
     if kind.startswith(("float", "int")):
         need = "an integer" if kind.startswith("int") else "a number"
         return f"{dotted} must be {need} (got {got!r})"
+    if kind == "greater_than":
+        return f"{dotted} must be greater than {err['ctx']['gt']} (got {got!r})"
+    if kind == "value_error":  # our validators' own sentence, which names the key
+        return str(err["ctx"]["error"])
     if kind == "literal_error":
         return f"{dotted} must be {err['ctx']['expected']} (got {got!r})"
     if kind in ("model_type", "dict_type"):
@@ -292,8 +307,10 @@ def check_combination(cfg: Config) -> None:
             "set model.quantization=none or lora.enabled=true")
     if cfg.data.packing and not cfg.data.max_length:
         raise UserError("data.packing=true needs data.max_length (e.g. data.max_length=2048) or data.packing=false")
-    if cfg.train.distributed in ("zero2", "zero3") and cfg.train.optimizer.startswith("paged"):
-        raise UserError("paged optimizers do not work under DeepSpeed; set train.optimizer=adamw")
+    if cfg.train.distributed == "fsdp" and cfg.model.quantization != "none":
+        raise UserError(f"train.distributed=fsdp shards bf16/fp32 weights, not {cfg.model.quantization} ones: "
+                        "QLoRA trains on several GPUs with train.distributed=ddp (a 7B QLoRA fits one 8 GB card), "
+                        "or use model.quantization=none with fsdp")
 
 
 def dump_config(cfg: Config) -> str:

@@ -1,4 +1,5 @@
-"""The run folder contract (DESIGN.md): every path inside `runs/<name>/` is named here and nowhere else.
+"""The run folder contract (docs/architecture.md lists each file): every path inside `runs/<name>/` is named here
+and nowhere else.
 
 Bottom layer: imports only config/errors. Training writes a run folder; chat, eval, merge, web, serve and upload
 read it and need nothing else, and `locate_folder` is how each of them tells a run, adapter or model folder apart.

@@ -73,8 +73,6 @@ def check_settings(cfg: Config) -> None:
     """Every one-line rejection that needs no model: combinations, files, template names, optional packages."""
     check_combination(cfg)
     check_micro_batch(cfg)
-    if cfg.train.max_steps is not None and cfg.train.max_steps <= 0:
-        raise UserError(f"train.max_steps must be positive (got {cfg.train.max_steps}); or null to use train.epochs")
     if not cfg.data.train:
         raise UserError("data.train is empty: give one or more dataset files (data.train=data/train.jsonl)")
     for path in cfg.data.train:
@@ -94,14 +92,6 @@ def check_settings(cfg: Config) -> None:
         require("bitsandbytes", "qlora", f"model.quantization={cfg.model.quantization}")
     check_optimizer(cfg.train.optimizer)
     check_trackers(cfg.log.to)
-    if cfg.train.distributed in ("zero2", "zero3"):
-        raise UserError(f"train.distributed={cfg.train.distributed} is not available yet: several GPUs train with "
-                        "ddp (each holds the whole model; QLoRA 7B fits one 8 GB card) or fsdp (weights, gradients "
-                        "and optimizer states sharded); use train.distributed=fsdp or ddp")
-    if cfg.train.distributed == "fsdp" and cfg.model.quantization != "none":
-        raise UserError(f"train.distributed=fsdp shards bf16/fp32 weights, not {cfg.model.quantization} ones: "
-                        "QLoRA trains on several GPUs with train.distributed=ddp (a 7B QLoRA fits one 8 GB card), "
-                        "or use model.quantization=none with fsdp")
 
 
 RUN_LOGS = ("metrics_path", "samples_path", "loss_plot_path", "replay_path")
