@@ -34,57 +34,27 @@ FULL_MODEL_DIR = "model"
 TENSORBOARD_DIR = "tensorboard"
 
 
+def _inside(name: str) -> property:
+    """A RunFolder attribute: the path of `name` inside the run folder."""
+    return property(lambda run: run.root / name)
+
+
 @dataclass(frozen=True)
 class RunFolder:
     root: Path
 
-    @property
-    def config_path(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def chat_template_path(self) -> Path:
-        return self.root / TEMPLATE_FILE
-
-    @property
-    def generation_config_path(self) -> Path:
-        return self.root / GENERATION_CONFIG
-
-    @property
-    def adapter_dir(self) -> Path:
-        return self.root / ADAPTER_DIR
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def samples_path(self) -> Path:
-        return self.root / "samples.jsonl"
-
-    @property
-    def loss_plot_path(self) -> Path:
-        return self.root / "loss.png"
-
-    @property
-    def eval_path(self) -> Path:
-        return self.root / "eval.json"
-
-    @property
-    def replay_path(self) -> Path:
-        return self.root / "replay.jsonl"
-
-    @property
-    def full_model_dir(self) -> Path:
-        return self.root / FULL_MODEL_DIR
-
-    @property
-    def tensorboard_dir(self) -> Path:
-        return self.root / TENSORBOARD_DIR
+    config_path = _inside("config.yaml")
+    chat_template_path = _inside(TEMPLATE_FILE)
+    generation_config_path = _inside(GENERATION_CONFIG)
+    adapter_dir = _inside(ADAPTER_DIR)
+    full_model_dir = _inside(FULL_MODEL_DIR)
+    checkpoints_dir = _inside("checkpoints")
+    metrics_path = _inside("metrics.jsonl")
+    samples_path = _inside("samples.jsonl")
+    loss_plot_path = _inside("loss.png")
+    eval_path = _inside("eval.json")
+    replay_path = _inside("replay.jsonl")
+    tensorboard_dir = _inside(TENSORBOARD_DIR)
 
     def trained_weights(self) -> Path | None:
         """adapter/ or model/ of a finished run, else the newest complete checkpoint's; None before any."""

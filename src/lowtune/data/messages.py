@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,17 @@ class ReadReport:
         return "\n".join(lines)
 
 
+def _numbered(items: Any, not_a_list: str, item: str) -> Iterator[tuple[int, dict]]:
+    """(n, object) for each item of a non-empty list, numbered from 1; a SkipRecord where the list or an item is not
+    what a record needs."""
+    if not isinstance(items, list) or not items:
+        raise SkipRecord(not_a_list)
+    for n, obj in enumerate(items, 1):
+        if not isinstance(obj, dict):
+            raise SkipRecord(f"{item} {n} is not an object")
+        yield n, obj
+
+
 # --- canonical messages (also OpenAI `messages`) ------------------------------------------------------------------
 
 def _loss_flag(value: Any) -> bool:
@@ -67,12 +79,8 @@ def normalize_messages(messages: Any) -> list[dict]:
     Leading assistant messages are dropped (unless the answer is all there is: a pretraining sample); consecutive
     user messages are joined with no separator; roles other than system/user/assistant are rejected.
     """
-    if not isinstance(messages, list) or not messages:
-        raise SkipRecord("'messages' must be a non-empty list")
     out: list[dict] = []
-    for n, msg in enumerate(messages, 1):
-        if not isinstance(msg, dict):
-            raise SkipRecord(f"message {n} is not an object")
+    for n, msg in _numbered(messages, "'messages' must be a non-empty list", "message"):
         role, content = msg.get("role"), msg.get("content")
         if role not in ROLES:
             raise SkipRecord(f"message {n} has role {role!r}; use system, user or assistant")
@@ -112,12 +120,8 @@ def _text(turn: dict, key: str, n: int) -> str:
 def from_xtuner(record: dict) -> list[dict]:
     """{"conversation": [{"system", "input", "output"}, ...]}; one turn with only output = incremental pretraining."""
     turns = record.get("conversation")
-    if not isinstance(turns, list) or not turns:
-        raise SkipRecord("'conversation' must be a non-empty list of turns")
     messages: list[dict] = []
-    for n, turn in enumerate(turns, 1):
-        if not isinstance(turn, dict):
-            raise SkipRecord(f"turn {n} is not an object")
+    for n, turn in _numbered(turns, "'conversation' must be a non-empty list of turns", "turn"):
         system, user, answer = _text(turn, "system", n), _text(turn, "input", n), _text(turn, "output", n)
         if not answer.strip():
             raise SkipRecord(f"turn {n} has no output")
