@@ -26,6 +26,9 @@ DEFAULT_NAME = "小明"
 RECIPE = "tiny-self"
 IDENTITY_REPEAT = 4
 """Each identity question appears this many times (zh + en): enough for builtin:tiny to learn the name."""
+RANDOM_MODEL_SETTINGS = ["data.replay=0", "train.lr=3e-3", "data.max_length=256"]
+"""builtin:tiny has random weights: it knows nothing to keep (no replay) and learns only at a high learning rate.
+The recipe's own settings are for real models."""
 
 
 def write_identity_data(name: str, path: Path) -> int:
@@ -78,14 +81,15 @@ def run_demo(name: str | None = None, output: str = "runs/demo", console: Consol
     data_path = run.root.parent / f"{run.root.name}-identity.jsonl"
     count = write_identity_data(name, data_path)
     console.print(f"2/3 wrote {count} identity conversations for '{name}' to {data_path}", markup=False)
-    cfg = load_config(RECIPE, [f"data.train={data_path}", f"output.dir={run.root}"])
+    cfg = load_config(RECIPE, [*RANDOM_MODEL_SETTINGS, "train.epochs=6", f"data.train={data_path}",
+                               f"output.dir={run.root}"])
     console.print(f"3/3 training recipe {RECIPE} (LoRA on CPU) ...", markup=False)
     train(cfg, console=console, overwrite=True)
     learned = show_comparison(console, run, name)
     seconds = time.perf_counter() - started
     verdict = f"the tuned model now answers as {name}" if learned else \
         f"the tuned model does not say '{name}' in every answer yet; train longer: lowtune train {RECIPE} " \
-        f"data.train={data_path} train.epochs=10 output.dir={run.root}"
+        f"{' '.join(RANDOM_MODEL_SETTINGS)} train.epochs=10 data.train={data_path} output.dir={run.root}"
     console.print(f"{verdict} ({seconds:.0f} s in all)", markup=False)
     console.print("\nnext:", markup=False)
     for command in (f'lowtune chat {run.root} --prompt "你是谁"', f"lowtune chat {run.root} --compare",

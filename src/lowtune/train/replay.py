@@ -24,7 +24,7 @@ from lowtune.data.probes import GENERAL_PROMPTS
 from lowtune.errors import UserError
 from lowtune.generation import Sampling, answer_batch
 from lowtune.models.load import load_model
-from lowtune.runs import atomic_write_text, read_stop_ids
+from lowtune.runs import GENERATION_CONFIG, atomic_write_text, read_stop_ids
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -51,7 +51,7 @@ def base_answers(cfg: Config, model_dir: Path, tokenizer: PreTrainedTokenizerBas
     say(f"replay: the base model answers {len(prompts)} general prompts once (cached for later runs) ...")
     model = load_model(model_dir, cfg.model.quantization, cfg.model.double_quant, cfg.model.dtype, device,
                        cfg.model.trust_remote_code)
-    stops = read_stop_ids(model_dir / "generation_config.json")
+    stops = read_stop_ids(model_dir / GENERATION_CONFIG)
     conversations = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
                      for p in prompts]
     sampling = Sampling(max_new_tokens=answer_budget(cfg, tokenizer, template, conversations))
