@@ -37,7 +37,9 @@ def fake_answers(monkeypatch):
 
 
 def setup(tmp_path, *overrides):
-    cfg = load_config(str(write_config(tmp_path)), list(overrides))
+    """A config on builtin:micro's folder (a model given as a folder, as users give theirs)."""
+    micro = resolve_model_dir("builtin:micro")
+    cfg = load_config(str(write_config(tmp_path)), [f"model.path={micro}", *overrides])
     model_dir = resolve_model_dir(cfg.model.path)
     tokenizer = load_tokenizer(model_dir)
     return cfg, model_dir, tokenizer, resolve_template(cfg.model.template, tokenizer, model_dir)
@@ -63,6 +65,7 @@ def test_the_dataset_repeats_replay_to_the_share_asked(tmp_path, fake_answers):
     cfg, model_dir, tokenizer, template = setup(tmp_path, "data.replay=0.25", "data.packing=false")
     answers = replay.base_answers(cfg, model_dir, tokenizer, template, "cpu")
     plain = build_dataset(load_config(str(tmp_path / "cfg.yaml"), ["data.packing=false"]), tokenizer, template)
+    assert plain.summary.replayed == 0
     mixed = build_dataset(cfg, tokenizer, template, answers)
     assert mixed.summary.replayed == 8  # 24 own conversations are 75%
     assert mixed.summary.conversations == 32 and len(mixed.train) == len(plain.train) + 8
@@ -79,6 +82,13 @@ def test_training_writes_replay_into_the_run_folder(tmp_path, fake_answers):
     train(cfg)
     rows = [json.loads(line)["messages"] for line in (tmp_path / "run" / "replay.jsonl").read_text().splitlines()]
     assert rows and all(r[-1]["content"].startswith("answer ") for r in rows)
+
+
+def test_a_builtin_model_has_nothing_to_keep(tmp_path, capsys):
+    cfg = load_config(str(write_config(tmp_path)), ["data.replay=0.5", "train.max_steps=1"])
+    train(cfg)
+    assert "replay: skipped, builtin:micro has random weights" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "replay.jsonl").exists()
 
 
 def test_a_base_that_never_finishes_an_answer_is_a_clear_error(tmp_path, monkeypatch):

@@ -42,7 +42,7 @@ from lowtune.train.optim import build_optimizer, build_scheduler, check_optimize
 from lowtune.train.outputs import export_weights, library_versions, write_run_header
 from lowtune.train.plan import DevicePlan, check_micro_batch, plan_device
 from lowtune.train.plot import plot_loss
-from lowtune.train.replay import base_answers, cache_path, read_answers
+from lowtune.train.replay import base_answers, cache_path, read_answers, replay_applies
 from lowtune.train.shard import answers_here, clip_gradients, gathered_weights, gradient_sync, prepare, shard
 from lowtune.train.state import RunState
 
@@ -307,10 +307,11 @@ def _say(console: Console, text: str) -> None:
 def _dry_run(console: Console, cfg: Config, model_dir: Path, tokenizer: Any, template: ChatTemplate,
              run: RunFolder) -> TrainResult:
     """What would train, without loading weights (parameter counts come from a meta-device copy)."""
-    replay_file = cache_path(cfg, model_dir, template) if cfg.data.replay else None
+    say = lambda text: _say(console, text)  # noqa: E731
+    replay_file = cache_path(cfg, model_dir, template) if replay_applies(cfg, say) else None
     replay = read_answers(replay_file) if replay_file and replay_file.is_file() else None
-    if cfg.data.replay and replay is None:
-        _say(console, "replay: the base model's answers are generated when training starts (not counted here)")
+    if replay_file and replay is None:
+        say("replay: the base model's answers are generated when training starts (not counted here)")
     data = build_dataset(cfg, tokenizer, template, replay)
     device_plan, plan = _plans(cfg, model_dir, data, None)
     total = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
@@ -366,10 +367,10 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
     try:
         main = accelerator.is_main_process
         replay = None
-        if cfg.data.replay:
+        say = (lambda text: _say(console, text)) if main else (lambda text: None)
+        if replay_applies(cfg, say):
             with accelerator.main_process_first():  # the first process generates, the others read its cache
-                replay = base_answers(cfg, model_dir, tokenizer, template, str(accelerator.device),
-                                      say=lambda text: _say(console, text) if main else None)
+                replay = base_answers(cfg, model_dir, tokenizer, template, str(accelerator.device), say)
         data = build_dataset(cfg, tokenizer, template, replay)
         state = RunState(cfg, run, accelerator, *_plans(cfg, model_dir, data, accelerator), data, tokenizer,
                          template)

@@ -23,6 +23,7 @@ from lowtune.data.cache import lowtune_home
 from lowtune.data.probes import GENERAL_PROMPTS
 from lowtune.errors import UserError
 from lowtune.generation import Sampling, answer_batch
+from lowtune.models.builtin import is_builtin
 from lowtune.models.load import load_model
 from lowtune.runs import GENERATION_CONFIG, atomic_write_text, read_stop_ids
 
@@ -38,6 +39,16 @@ MAX_NEW_TOKENS = 512
 
 def replay_prompts() -> list[str]:
     return [prompt for lang in ("en", "zh") for prompt in GENERAL_PROMPTS[lang]]
+
+
+def replay_applies(cfg: Config, say=print) -> bool:
+    """data.replay is set and the base model has something to keep (a builtin:NAME model has random weights)."""
+    if not cfg.data.replay:
+        return False
+    if is_builtin(cfg.model.path):
+        say(f"replay: skipped, {cfg.model.path} has random weights and nothing to keep")
+        return False
+    return True
 
 
 def base_answers(cfg: Config, model_dir: Path, tokenizer: PreTrainedTokenizerBase, template: ChatTemplate,
