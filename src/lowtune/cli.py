@@ -225,6 +225,22 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from lowtune.export.gguf import export
+
+    result = export(args.target, fmt=args.format, quant=args.quant, out_dir=args.output, force=args.force)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"exported {args.target} -> {result.gguf} ({result.quant}, chat template {result.template_name}, "
+          f"stop ids {result.stop_ids}, {result.seconds:.1f}s)")
+    if result.modelfile is not None:
+        print(f"run it in Ollama: ollama create {result.ollama_name} -f {result.modelfile} && "
+              f"ollama run {result.ollama_name}")
+    else:
+        print(f"run it: llama-cli -m {result.gguf} -cnv   (llama.cpp; LM Studio opens the file too)")
+    return 0
+
+
 # --- data ---------------------------------------------------------------------------------------------------------
 
 def cmd_data_convert(args: argparse.Namespace) -> int:
@@ -436,6 +452,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="APPDIR", help="folder to write the app into")
     p.add_argument("--repo", metavar="ID", help="hub repo the app loads (default: this local folder)")
     p.add_argument("--force", action="store_true", help="replace a non-empty APPDIR")
+
+    p = verb("export", cmd_export, "a GGUF file for llama.cpp / LM Studio, or GGUF + Modelfile for Ollama")
+    p.add_argument("target", metavar="RUN|MODEL", help="run folder (merged first), adapter folder, model folder, "
+                                                       ".gguf file or builtin:NAME")
+    p.add_argument("--format", choices=["gguf", "ollama"], default="gguf",
+                   help="gguf: the file alone; ollama: the file + a Modelfile (default gguf)")
+    p.add_argument("--quant", default="f16", metavar="TYPE",
+                   help="f16 (default), bf16, f32, q8_0; q4_k_m and other k-quants with llama-cpp-python "
+                        "(pip install 'lowtune[gguf-quant]')")
+    p.add_argument("-o", "--output", metavar="DIR", help="folder to write (default exports/NAME)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
 
     data = sub.add_parser("data", help="datasets: convert, identity, split, preview",
                           description="datasets: convert any format to canonical JSONL, make self-cognition data, "
