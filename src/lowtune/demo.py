@@ -7,6 +7,7 @@ recipe, then shows the answers to the eval prompts before (step 0) and after tra
 from __future__ import annotations
 
 import json
+import shlex
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,9 +27,10 @@ DEFAULT_NAME = "小明"
 RECIPE = "tiny-self"
 IDENTITY_REPEAT = 4
 """Each identity question appears this many times (zh + en): enough for builtin:tiny to learn the name."""
-RANDOM_MODEL_SETTINGS = ["data.replay=0", "train.lr=3e-3", "data.max_length=256"]
-"""builtin:tiny has random weights: it knows nothing to keep (no replay) and learns only at a high learning rate.
-The recipe's own settings are for real models."""
+RANDOM_MODEL_SETTINGS = ["data.replay=0", "train.lr=3e-3", "data.max_length=256",
+                         'eval.prompts=["你是谁", "Who are you?"]']
+"""builtin:tiny has random weights: it knows nothing to keep (no replay), so only the identity prompts are shown,
+and it learns only at a high learning rate. The recipe's own settings are for real models."""
 
 
 def write_identity_data(name: str, path: Path) -> int:
@@ -89,7 +91,7 @@ def run_demo(name: str | None = None, output: str = "runs/demo", console: Consol
     seconds = time.perf_counter() - started
     verdict = f"the tuned model now answers as {name}" if learned else \
         f"the tuned model does not say '{name}' in every answer yet; train longer: lowtune train {RECIPE} " \
-        f"{' '.join(RANDOM_MODEL_SETTINGS)} train.epochs=10 data.train={data_path} output.dir={run.root}"
+        f"{' '.join(shlex.quote(s) for s in RANDOM_MODEL_SETTINGS)} train.epochs=10 data.train={data_path} output.dir={run.root}"
     console.print(f"{verdict} ({seconds:.0f} s in all)", markup=False)
     console.print("\nnext:", markup=False)
     for command in (f'lowtune chat {run.root} --prompt "你是谁"', f"lowtune chat {run.root} --compare",
