@@ -249,7 +249,7 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     report = convert_file(Path(args.src), Path(args.output), args.format, args.sheet, parse_mapping(args.map),
                           args.system, args.strict)
     print(report.describe())
-    print(f"wrote {args.output} ({report.converted} conversations)")
+    print(f"wrote {args.output} ({report.converted} {report.unit})")
     return 0
 
 
@@ -401,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verb("eval", cmd_eval, "tuned vs base: loss, ROUGE-L / BLEU-4, identity hit rate, retention (RUN/eval.json)")
     p.add_argument("target", metavar="RUN", help="run folder (or a model folder with -o)")
-    p.add_argument("--data", metavar="FILE", help="test split, any supported data format: loss, ROUGE-L, BLEU-4")
+    p.add_argument("--data", metavar="FILE", help="test split, any supported data format: loss, ROUGE-L, BLEU-4; "
+                                                  "preference pairs: reward accuracy")
     p.add_argument("--identity", metavar="NAME", help="share of held-out identity questions answered with NAME")
     p.add_argument("--retention", action="store_true",
                    help="share of the base model's correct answers to built-in factual questions that the tuned "
@@ -473,12 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
     def data_verb(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
         return _add_verb(data_sub, name, handler, help_text)
 
-    d = data_verb("convert", cmd_data_convert, "any supported source -> canonical messages JSONL")
+    d = data_verb("convert", cmd_data_convert, "any supported source -> canonical messages (or pairs) JSONL")
     d.add_argument("src", metavar="SRC", help="JSON/JSONL file, .txt, .xlsx/.csv, or a saved dataset folder")
     d.add_argument("-o", "--output", required=True, metavar="OUT", help="JSONL file to write")
     d.add_argument("--format", default="auto",
-                   choices=["auto", "xtuner", "messages", "alpaca", "sharegpt", "guanaco", "msagent", "text"],
-                   help="input layout (default: detected per record)")
+                   choices=["auto", "xtuner", "messages", "alpaca", "sharegpt", "guanaco", "msagent", "text",
+                            "pairs", "ultrafeedback", "hh-rlhf", "sharegpt-pairs"],
+                   help="input layout (default: detected per record); the last four are preference pairs, written "
+                        'as {"prompt", "chosen", "rejected"} lines')
     d.add_argument("--sheet", help="spreadsheet sheet name (default: the first sheet)")
     d.add_argument("--map", nargs="+", metavar="KEY=COL",
                    help="spreadsheet columns: input=COL output=COL [system=COL]; COL = header or letter (A, D)")
@@ -505,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--model", metavar="M", help="tokenizer source: folder, hub id or builtin:tiny (default: "
                                                 "the config's model, else builtin:tiny)")
     d.add_argument("--template", metavar="T", help="chat template name or .jinja file (default auto)")
-    d.add_argument("-n", type=int, default=2, help="conversations to show (default 2)")
+    d.add_argument("-n", type=int, default=2, help="conversations to show (default 2; each side of a preference "
+                                                   "pair counts as one)")
     d.add_argument("--max-length", type=int, metavar="L", help="truncation length to check (default: config's / 2048)")
     d.add_argument("--no-color", action="store_true", help="markers instead of colour even on a terminal")
     return parser

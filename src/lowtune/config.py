@@ -100,6 +100,18 @@ class TrainSection(_Section):
     seed: int = 42
     distributed: Literal["auto", "ddp", "fsdp"] = "auto"
     """Several processes: ddp (whole weights on each) or fsdp (weights, gradients, optimizer states sharded)."""
+    method: Literal["sft", "dpo", "orpo", "simpo"] = "sft"
+    """sft: next-token loss on answers. dpo / orpo / simpo: preference tuning on pairs
+    {"prompt": [...], "chosen": [...], "rejected": [...]} (docs/decisions.md, 'Preference tuning')."""
+    beta: float | None = Field(None, gt=0)
+    """dpo: strength of the pull toward the reference (0.1); simpo: reward scale (2.0); orpo: weight of the odds-ratio
+    term, lambda in the paper (0.1). null = that default."""
+    simpo_gamma: float = Field(0.5, ge=0)
+    """simpo: target reward margin (gamma in the paper)."""
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    """dpo (sigmoid) and simpo: share of pairs assumed mislabelled (conservative DPO)."""
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    """dpo: sigmoid (the DPO paper), hinge (SLiC) or ipo (IPO, squared)."""
 
     @field_validator("distributed", mode="before")
     @classmethod
@@ -307,10 +319,34 @@ def check_combination(cfg: Config) -> None:
             "set model.quantization=none or lora.enabled=true")
     if cfg.data.packing and not cfg.data.max_length:
         raise UserError("data.packing=true needs data.max_length (e.g. data.max_length=2048) or data.packing=false")
+    _check_preference(cfg)
     if cfg.train.distributed == "fsdp" and cfg.model.quantization != "none":
         raise UserError(f"train.distributed=fsdp shards bf16/fp32 weights, not {cfg.model.quantization} ones: "
                         "QLoRA trains on several GPUs with train.distributed=ddp (a 7B QLoRA fits one 8 GB card), "
                         "or use model.quantization=none with fsdp")
+
+
+def _check_preference(cfg: Config) -> None:
+    """train.method and the settings that only some methods read."""
+    train = cfg.train
+    if train.method == "sft":
+        if train.beta is not None or train.label_smoothing or train.loss_type != "sigmoid":
+            raise UserError("train.beta, train.label_smoothing and train.loss_type apply to preference tuning: set "
+                            "train.method=dpo (or orpo, simpo), or drop them")
+        return
+    if train.loss_type != "sigmoid" and train.method != "dpo":
+        raise UserError(f"train.loss_type={train.loss_type} is a DPO variant; train.method={train.method} has its own "
+                        "loss: drop train.loss_type or use train.method=dpo")
+    if train.label_smoothing and (train.method == "orpo" or train.loss_type != "sigmoid"):
+        raise UserError(f"train.label_smoothing applies to dpo with loss_type=sigmoid and to simpo, not to "
+                        f"{train.method}{'' if train.method == 'orpo' else f' loss_type={train.loss_type}'}; "
+                        "set train.label_smoothing=0")
+    if train.distributed == "fsdp":
+        raise UserError(f"train.method={train.method} does not run sharded yet: use train.distributed=ddp "
+                        "(or auto: one process per GPU, whole weights on each)")
+    if cfg.data.replay:
+        raise UserError(f"data.replay adds plain conversations, and train.method={train.method} trains on preference "
+                        "pairs: set data.replay=0")
 
 
 def dump_config(cfg: Config) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lowtune.data.formats import read_conversations, write_jsonl
 from lowtune.data.messages import ReadReport, add_system
+from lowtune.data.pairs import PAIR_FORMATS, convert_pair_file, is_pair_file
 from lowtune.errors import UserError
 
 
@@ -27,10 +28,13 @@ def parse_mapping(items: list[str] | None) -> dict[str, str]:
 def convert_file(src: Path, out: Path, fmt: str = "auto", sheet: str | None = None,
                  mapping: dict[str, str] | None = None, system: str | None = None,
                  strict: bool = False) -> ReadReport:
-    """Write `out` (atomically) from `src`; with strict, the first unconvertible record is an error."""
+    """Write `out` (atomically) from `src`; with strict, the first unconvertible record is an error. Preference
+    pairs (a pair layout, or a source whose first record has chosen/rejected) are written as canonical pairs."""
     src, out = Path(src), Path(out)
     if src.resolve() == out.resolve():
         raise UserError(f"-o {out} would overwrite the source; write to another file")
+    if fmt in PAIR_FORMATS or (fmt == "auto" and is_pair_file(src)):
+        return convert_pair_file(src, out, fmt, system, strict)
     report = ReadReport()
 
     def conversations() -> Iterator[list[dict]]:

@@ -137,6 +137,8 @@ def detect(record: Any) -> str:
         return "guanaco" if isinstance(record["text"], str) and GUANACO_MARKER.search(record["text"]) else "text"
     if "input" in record and "output" in record:
         return "alpaca"  # XTuner's default_map_fn layout: plain input/output columns
+    if "chosen" in record and "rejected" in record:
+        raise SkipRecord("a preference pair (chosen/rejected): train it with train.method=dpo, orpo or simpo")
     raise SkipRecord(f"unknown record layout with keys {sorted(record)[:6]}; see `lowtune data convert --help`")
 
 

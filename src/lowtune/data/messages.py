@@ -31,6 +31,8 @@ class ReadReport:
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     formats: dict[str, int] = field(default_factory=dict)
+    unit: str = "conversations"
+    """What a converted record is called in messages: conversations, or pairs."""
 
     def skip(self, where: str, reason: str) -> None:
         self.skipped += 1
@@ -42,7 +44,7 @@ class ReadReport:
             self.notes.append(f"{where}: {text}")
 
     def describe(self) -> str:
-        lines = [f"{self.converted} conversations from {self.read} records"
+        lines = [f"{self.converted} {self.unit} from {self.read} records"
                  + (f" ({', '.join(f'{k}: {v}' for k, v in sorted(self.formats.items()))})" if self.formats else "")]
         if self.skipped:
             lines.append(f"skipped {self.skipped}; first reasons:")

@@ -8,12 +8,14 @@ many samples max_length would truncate or drop.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lowtune.data.encode import IGNORE_INDEX, encode_many, has_loss, is_pretraining, truncate
 from lowtune.data.formats import read_conversations
 from lowtune.data.messages import ReadReport, add_system
+from lowtune.data.pairs import is_pair_file, pair_conversations, read_pairs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -86,12 +88,24 @@ def collect(paths: list[str], tokenizer: PreTrainedTokenizerBase, template: Chat
         batch.clear()
 
     for path in paths:
-        for where, messages in read_conversations(path, fmt, report):
+        for where, messages in _readable(path, fmt, report):
             batch.append((where, add_system(messages, system)))
             if len(batch) == BATCH:
                 flush()
     flush()
     return shown, stats
+
+
+def _readable(path: str, fmt: str, report: ReadReport) -> Iterator[tuple[str, list[dict]]]:
+    """(where, conversation) of a source; a preference pair gives its chosen side, then its rejected side."""
+    if not is_pair_file(path):
+        yield from read_conversations(path, fmt, report)
+        return
+    report.unit = "pairs"
+    for where, pair in read_pairs(path, fmt, report):
+        chosen, rejected = pair_conversations(pair)
+        yield f"{where} chosen", chosen
+        yield f"{where} rejected", rejected
 
 
 def plain_text(sample: Shown) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lowtune.data.formats import read_conversations, write_jsonl
 from lowtune.data.messages import ReadReport
+from lowtune.data.pairs import is_pair_file, read_pairs, write_pairs
 from lowtune.errors import UserError
 
 
@@ -29,17 +30,21 @@ def split_indices(count: int, fraction: float, seed: int) -> tuple[list[int], li
 
 
 def split_file(path: Path, fraction: float, seed: int) -> tuple[Path, Path, int, int]:
-    """Write <stem>.train.jsonl and <stem>.test.jsonl next to `path`; returns both paths and their sizes."""
-    report = ReadReport()
-    conversations = [m for _, m in read_conversations(path, "auto", report)]
+    """Write <stem>.train.jsonl and <stem>.test.jsonl next to `path` (conversations, or preference pairs);
+    returns both paths and their sizes."""
+    pairs = is_pair_file(path)
+    report = ReadReport(unit="pairs" if pairs else "conversations")
+    records = [p for _, p in read_pairs(path, "auto", report)] if pairs else \
+        [m for _, m in read_conversations(path, "auto", report)]
     if report.skipped:
         raise UserError(f"{report.reasons[0]}; {report.skipped} records of {path} cannot be read — "
                         "run `lowtune data convert` on it first")
-    if len(conversations) < 2:
-        raise UserError(f"{path} has {len(conversations)} conversations; a split needs at least 2")
-    train, test = split_indices(len(conversations), fraction, seed)
+    if len(records) < 2:
+        raise UserError(f"{path} has {len(records)} {report.unit}; a split needs at least 2")
+    train, test = split_indices(len(records), fraction, seed)
     stem = path.name.removesuffix(path.suffix)
     train_path, test_path = path.with_name(f"{stem}.train.jsonl"), path.with_name(f"{stem}.test.jsonl")
-    write_jsonl(train_path, [conversations[i] for i in train])
-    write_jsonl(test_path, [conversations[i] for i in test])
+    write = write_pairs if pairs else write_jsonl
+    write(train_path, [records[i] for i in train])
+    write(test_path, [records[i] for i in test])
     return train_path, test_path, len(train), len(test)

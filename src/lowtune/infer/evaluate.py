@@ -9,6 +9,11 @@
   training file `data identity` writes) whose answer gives the name.
 - `retention`: on the built-in factual probes, the share of key facts the base model gives that the tuned model
   still gives (knowledge accuracy is reported beside it).
+- Preference pairs (a --data file of {"prompt", "chosen", "rejected"} lines, or any pair layout `data convert`
+  reads): reward accuracy, the share of held-out pairs whose implicit reward (the run's train.method: DPO's
+  log-ratio against the base, SimPO's and ORPO's mean log-prob) ranks the chosen answer above the rejected one,
+  with the mean reward margin; and, for tuned and base alike, the share of pairs whose chosen answer has the higher
+  mean per-token log-probability. Answers to the prompts are scored against the chosen answers.
 
 Every measure is taken for the tuned model and, when it has an adapter, for its base: the same weights with the
 adapter disabled, so one model is in memory.
@@ -27,6 +32,8 @@ from typing import Any, TextIO
 from lowtune.data.collate import collate, target_count
 from lowtune.data.dataset import encode_all, iter_sources
 from lowtune.data.formats import ReadReport
+from lowtune.data.pairs import is_pair_file, pair_conversations, read_pairs
+from lowtune.data.preference import encode_pairs, pair_batch
 from lowtune.errors import UserError
 from lowtune.generation import Sampling
 from lowtune.infer.engine import ChatEngine
@@ -66,6 +73,8 @@ class ProbeResult:
 class EvalReport:
     data: str | None = None
     conversations: int = 0
+    pairs: int = 0
+    """Preference pairs scored (a pair file as --data)."""
     tokens: int = 0
     """Trained tokens the loss is averaged over."""
     loss: float | None = None
@@ -242,7 +251,10 @@ def evaluate(engine: ChatEngine, data: str | None, n_samples: int = 50, sampling
                         "adapter off: give a LoRA/QLoRA run or --adapter PATH")
     with_base = with_base and engine.has_adapter
     report = EvalReport()
-    if data is not None:
+    if data is not None and is_pair_file(data):
+        _score_pairs(engine, data, n_samples, sampling or Sampling(max_new_tokens=256), max_length, with_base,
+                     report)
+    elif data is not None:
         _score_split(engine, data, n_samples, sampling or Sampling(max_new_tokens=256), max_length, with_base,
                      report)
     if identity is not None:
@@ -285,6 +297,108 @@ def _score_split(engine: ChatEngine, data: str, n_samples: int, sampling: Sampli
         report.base_metrics.update(text_metrics([s.base_answer or "" for s in report.samples], references))
 
 
+# --- preference pairs ---------------------------------------------------------------------------------------------
+
+def pair_logps(model: Any, encoded: list[tuple[dict, dict]], pad_id: int,
+               budget: int = TOKENS_PER_BATCH) -> tuple[Any, Any]:
+    """(summed log-prob of each answer's trained tokens, their count), interleaved chosen/rejected per pair; each
+    pair is one row (both sides, per-sample attention), rows batched in order up to `budget` padded tokens."""
+    import torch
+
+    from lowtune.kernels.preference import sequence_logps  # imports torch: only when pairs are scored
+
+    rows = [{"input_ids": c["input_ids"] + r["input_ids"], "labels": c["labels"] + r["labels"],
+             "position_ids": [*range(len(c["input_ids"])), *range(len(r["input_ids"]))],
+             "seq_lens": [len(c["input_ids"]), len(r["input_ids"])]} for c, r in encoded]
+    device = next(model.parameters()).device
+    sums, tokens, start = [], [], 0
+    while start < len(rows):
+        end = start + 1
+        while end < len(rows) and max(len(r["input_ids"]) for r in rows[start:end + 1]) * (end + 1 - start) <= budget:
+            end += 1
+        batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in pair_batch(rows[start:end], pad_id).items()}
+        with torch.inference_mode():
+            batch_sums, batch_tokens = sequence_logps(model, batch, "logits")
+        sums.append(batch_sums.cpu())
+        tokens.append(batch_tokens.cpu())
+        start = end
+    return torch.cat(sums), torch.cat(tokens)
+
+
+def _reference_logps(engine: ChatEngine, encoded: list[tuple[dict, dict]], pad_id: int) -> Any:
+    """Log-probs under the base: the adapter switched off, or for a full fine-tune its base loaded beside it."""
+    if engine.has_adapter:
+        with engine.without_adapter():
+            return pair_logps(engine.model, encoded, pad_id)
+    config = engine.config
+    if config is None or config.train.method == "sft":
+        return None
+    from lowtune.infer.engine import load_base
+    from lowtune.models.resolve import resolve_model_dir
+
+    base_dir = resolve_model_dir(config.model.path, config.model.hub, config.model.revision,
+                                 config.model.trust_remote_code)
+    return pair_logps(load_base(base_dir, trust_remote_code=config.model.trust_remote_code), encoded, pad_id)
+
+
+def pair_metrics(tuned: tuple[Any, Any], base: tuple[Any, Any] | None, settings: Any) -> tuple[dict, dict]:
+    """(tuned, base) measures of scored pairs: reward accuracy and margin under `settings` (DPO's need `base`),
+    and the share of pairs whose chosen answer has the higher mean log-prob."""
+    from lowtune.kernels.preference import preference_terms
+
+    def chosen_preferred(logps: tuple[Any, Any]) -> dict:
+        means = logps[0] / logps[1].clamp(min=1)
+        return _rate(int((means[0::2] > means[1::2]).sum()), len(means) // 2)
+
+    def rewards(logps: tuple[Any, Any], reference: Any) -> dict:
+        terms = preference_terms(logps[0], logps[1], settings, reference)
+        margin = terms.chosen_rewards - terms.rejected_rewards
+        return {"reward_accuracy": _rate(int((margin > 0).sum()), len(margin)),
+                "reward_margin": float(margin.mean())}
+
+    tuned_metrics, base_metrics = {"chosen_preferred": chosen_preferred(tuned)}, {}
+    if base is not None:
+        base_metrics["chosen_preferred"] = chosen_preferred(base)
+    if not settings.needs_reference:
+        tuned_metrics.update(rewards(tuned, None))
+        if base is not None:
+            base_metrics.update(rewards(base, None))
+    elif base is not None:
+        tuned_metrics.update(rewards(tuned, base[0]))  # the base's own DPO reward is 0 by definition: no column
+    return tuned_metrics, base_metrics
+
+
+def _score_pairs(engine: ChatEngine, data: str, n_samples: int, sampling: Sampling, max_length: int | None,
+                 with_base: bool, report: EvalReport) -> None:
+    """Reward accuracy of the pairs in `data`; answers to the first `n_samples` prompts beside the chosen ones."""
+    from lowtune.kernels.preference import PreferenceSettings
+
+    config = engine.config
+    max_length = max_length or (config.data.max_length if config else None)
+    read = ReadReport(unit="pairs")
+    pairs = [pair for _, pair in read_pairs(data, "auto", read, engine.default_system)]
+    encoded = encode_pairs(pairs, engine.tokenizer, engine.template, max_length)
+    if not encoded:
+        raise UserError(f"--data {data}: no preference pair to score" + (f" ({read.describe()})" if read.skipped
+                                                                          else ""))
+    pad_id = engine.tokenizer.pad_token_id if engine.tokenizer.pad_token_id is not None else engine.all_stop_ids()[0]
+    method = config.train if config and config.train.method != "sft" else None
+    settings = PreferenceSettings.from_train(method) if method else PreferenceSettings("dpo", 0.1)
+    tuned = pair_logps(engine.model, encoded, pad_id)
+    base = _reference_logps(engine, encoded, pad_id) if with_base or settings.needs_reference else None
+    tuned_metrics, base_metrics = pair_metrics(tuned, base, settings)
+    report.data, report.pairs, report.max_length = str(data), len(encoded), max_length
+    report.metrics.update(tuned_metrics)
+    if with_base:
+        report.base_metrics.update(base_metrics)
+    report.samples = sample_answers(engine, [pair_conversations(p)[0] for p in pairs], n_samples, sampling,
+                                    with_base)
+    references = [s.reference for s in report.samples]
+    report.metrics.update(text_metrics([s.answer for s in report.samples], references))
+    if with_base and report.samples:
+        report.base_metrics.update(text_metrics([s.base_answer or "" for s in report.samples], references))
+
+
 def eval_output_path(target: str, output: str | None) -> Path:
     """-o, else eval.json in the run folder; a model folder needs -o."""
     if output:
@@ -300,7 +414,9 @@ def write_report(report: EvalReport, path: Path) -> None:
     atomic_write_text(path, report.to_json())
 
 
-LABELS = {"exact_match": "exact match", "rouge_l": "ROUGE-L", "bleu_4": "BLEU-4",
+LABELS = {"reward_accuracy": "reward accuracy", "reward_margin": "reward margin",
+          "chosen_preferred": "chosen preferred (mean log-prob)",
+          "exact_match": "exact match", "rouge_l": "ROUGE-L", "bleu_4": "BLEU-4",
           "identity_hit_rate": "identity hit rate", "knowledge_accuracy": "knowledge accuracy",
           "retention": "retention (base facts kept)"}
 
@@ -320,6 +436,8 @@ def summary_rows(report: EvalReport) -> list[tuple[str, str, str]]:
         rows += [("loss", _shown(report.loss), _shown(report.base_loss)),
                  ("perplexity", _shown(report.perplexity), _shown(report.base_perplexity)),
                  ("conversations / tokens", f"{report.conversations} / {report.tokens}", "")]
+    if report.pairs:
+        rows.append(("pairs", str(report.pairs), ""))
     for key, label in LABELS.items():
         if key in report.metrics:
             rows.append((label, _shown(report.metrics[key]), _shown(report.base_metrics.get(key))))

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lowtune.kernels.loss import IGNORE_INDEX, linear_cross_entropy_sum
+from lowtune.kernels.loss import IGNORE_INDEX, accumulation_dtype, linear_cross_entropy_sum, linear_token_logps
 from lowtune.models.load import base_model
 
 LIGER_FAMILIES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral"}
@@ -49,19 +49,42 @@ def causal_lm_loss_sum(model: Any, batch: dict[str, Any], path: str = "chunked",
     position_ids that restart at 0 make transformers build a per-sample (block-diagonal) causal mask for packed
     rows. Padding-free batches carry `cu_seq_lens_*` for the varlen attention kernel instead.
     """
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids"), "use_cache": False,
-              **{k: v for k, v in batch.items() if k.startswith(VARLEN_KEYS)}, **model_kwargs}
+    inputs = _model_inputs(batch, model_kwargs)
     labels = batch["labels"][:, 1:]
     if path == "logits":
         logits = model(**inputs).logits[:, :-1].float()
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
                                                  ignore_index=IGNORE_INDEX, reduction="sum")
+    hidden, head = _last_hidden(model, inputs)
+    return linear_cross_entropy_sum(hidden[:, :-1], head.weight, labels, fused=path == "fused")
+
+
+def causal_lm_token_logps(model: Any, batch: dict[str, Any], path: str = "chunked") -> torch.Tensor:
+    """Log-probability of each supervised next token, [rows, positions - 1] in fp32, 0 where the label is ignored;
+    differentiable. The inputs are those of `causal_lm_loss_sum`. 'fused' takes the chunked path: Liger's kernel
+    returns only a summed loss, and preference losses need every sequence's own log-probability."""
+    inputs = _model_inputs(batch, {})
+    labels = batch["labels"][:, 1:]
+    if path == "logits":
+        logits = model(**inputs).logits[:, :-1]
+        logps = logits.to(accumulation_dtype(logits)).log_softmax(-1)
+        picked = logps.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+        return picked.masked_fill(labels == IGNORE_INDEX, 0.0)
+    hidden, head = _last_hidden(model, inputs)
+    return linear_token_logps(hidden[:, :-1], head.weight, labels)
+
+
+def _model_inputs(batch: dict[str, Any], model_kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {"input_ids": batch["input_ids"], "position_ids": batch.get("position_ids"), "use_cache": False,
+            **{k: v for k, v in batch.items() if k.startswith(VARLEN_KEYS)}, **model_kwargs}
+
+
+def _last_hidden(model: Any, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any]:
+    """(the decoder's last hidden state, the head) without computing logits."""
     decoder, head = _decoder_and_head(model)
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        hidden = _hidden_through_ddp(model, decoder, inputs)
-    else:
-        hidden = decoder(**inputs).last_hidden_state
-    return linear_cross_entropy_sum(hidden[:, :-1], head.weight, labels, fused=path == "fused")
+        return _hidden_through_ddp(model, decoder, inputs), head
+    return decoder(**inputs).last_hidden_state, head
 
 
 def _hidden_through_ddp(model: Any, decoder: Any, inputs: dict[str, Any]) -> torch.Tensor:

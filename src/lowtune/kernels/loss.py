@@ -75,3 +75,57 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
         loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
         return loss_fn(weight, hidden, labels).float()
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk)
+
+
+def accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """fp32 for half-precision activations; fp64 stays fp64 (exact comparisons in tests)."""
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+class _ChunkedTokenLogProbs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[label] per row, chunk by chunk. The per-row gradient that arrives in
+    backward is not known in forward (unlike a summed loss), so backward recomputes each chunk's logits."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
+        out = torch.empty(hidden.size(0), dtype=accumulation_dtype(hidden), device=hidden.device)
+        for start in range(0, hidden.size(0), chunk):
+            rows = slice(start, start + chunk)
+            logits = (hidden[rows] @ weight.t()).to(out.dtype)
+            out[rows] = logits.gather(1, labels[rows, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(hidden, weight, labels)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden, weight, labels = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden)
+        dtype = accumulation_dtype(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=dtype) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.size(0), ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            h = hidden[rows]
+            # d(log p[label])/d(logits) = onehot(label) - softmax
+            grad = -torch.softmax((h @ weight.t()).to(dtype), dim=-1)
+            grad.scatter_add_(1, labels[rows, None], torch.ones_like(grad[:, :1]))
+            grad = (grad * grad_out[rows, None]).to(hidden.dtype)
+            grad_hidden[rows] = grad @ weight
+            if grad_weight is not None:
+                grad_weight += (grad.t() @ h).to(dtype)
+        return grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None, None, None
+
+
+def linear_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                       chunk: int = CHUNK_TOKENS) -> torch.Tensor:
+    """Log-probability of each label under (hidden @ weight.T), for already-shifted `hidden` [..., d] and `labels`
+    [...]; 0 at IGNORE_INDEX positions, which are never projected. Shape of `labels`, fp32 (fp64 for fp64 inputs),
+    differentiable."""
+    flat_labels = labels.reshape(-1)
+    picked = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)
+    out = torch.zeros(flat_labels.shape, dtype=accumulation_dtype(hidden), device=labels.device)
+    if picked.numel():
+        rows = hidden.reshape(-1, hidden.size(-1)).index_select(0, picked)
+        logps = _ChunkedTokenLogProbs.apply(rows, weight, flat_labels.index_select(0, picked), chunk)
+        out = out.index_put((picked,), logps)
+    return out.reshape(labels.shape)

@@ -8,6 +8,8 @@ train/shard.py, whose operations are plain on one device.
 
 Loss is token-normalised over the whole accumulation window: the summed token losses of every micro-batch are
 divided by the window's supervised-token count, so batch 8 x accumulation 1 equals batch 1 x accumulation 8.
+Preference runs (train.method dpo/orpo/simpo, train/preference.py) take the same steps over rows of whole pairs,
+with the summed pair losses divided by the window's pair count.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from typing import TYPE_CHECKING, Any
 from lowtune.config import Config, check_combination, config_changes, dump_config
 from lowtune.data.collate import collate, collate_flat, target_count, token_count
 from lowtune.data.dataset import TrainData, build_dataset
+from lowtune.data.pairs import pair_source
+from lowtune.data.preference import build_pair_dataset, pair_count
 from lowtune.errors import UserError, require
 from lowtune.kernels import causal_lm_loss_sum, compile_layers, enable_fast_path
+from lowtune.kernels.preference import PreferenceSettings
 from lowtune.models.load import (apply_lora, compute_dtype, count_parameters,
                                  count_parameters_without_weights, default_device, load_model, load_tokenizer)
 from lowtune.models.placement import keep_input_embeddings_on_host
@@ -42,6 +47,7 @@ from lowtune.train.optim import build_optimizer, build_scheduler, check_optimize
 from lowtune.train.outputs import export_weights, library_versions, write_run_header
 from lowtune.train.plan import DevicePlan, check_micro_batch, plan_device
 from lowtune.train.plot import plot_loss
+from lowtune.train.preference import eval_pairs, make_pair_batch, metric_means, pair_loss_sum, precompute_reference
 from lowtune.train.replay import base_answers, cache_path, read_answers, replay_applies
 from lowtune.train.shard import answers_here, clip_gradients, gathered_weights, gradient_sync, prepare, shard
 from lowtune.train.state import RunState
@@ -76,7 +82,7 @@ def check_settings(cfg: Config) -> None:
     if not cfg.data.train:
         raise UserError("data.train is empty: give one or more dataset files (data.train=data/train.jsonl)")
     for path in cfg.data.train:
-        if not Path(path).exists():
+        if not pair_source(path).exists():
             raise UserError(f"data.train: file not found: {path} (paths are relative to {Path.cwd()})")
     if isinstance(cfg.data.eval, str) and cfg.data.eval and not Path(cfg.data.eval).exists():
         raise UserError(f"data.eval: file not found: {cfg.data.eval}; give a file or a fraction like 0.05")
@@ -138,26 +144,43 @@ def _activation_place(plan: DevicePlan) -> AbstractContextManager:
     return torch.autograd.graph.save_on_cpu(pin_memory=True) if plan.offload else nullcontext()
 
 
+def _micro_loss(state: RunState, batch: dict) -> tuple[Any, Any]:
+    """(summed loss of one micro-batch, summed pair metrics or None): over supervised tokens, or over pairs."""
+    if state.preference:
+        return pair_loss_sum(state, batch)
+    return causal_lm_loss_sum(state.model, batch, state.plan.loss), None
+
+
 def train_step(state: RunState, window: list[list[int]]) -> tuple[float, float, int]:
-    """One optimizer step over a window of micro-batches (row indices); returns (window loss, grad norm, tokens)."""
+    """One optimizer step over a window of micro-batches (row indices); returns (window loss, grad norm, tokens).
+    A preference step also leaves its rewards and reward accuracy in `state.pair_metrics`."""
     import torch
 
     model, accelerator, plan = state.model, state.accelerator, state.plan
     rows = state.data.train
     micro_rows = [[rows[i] for i in indices] for indices in window]
-    batches = [make_batch(chosen, state.pad_id, plan) for chosen in micro_rows]
-    local = torch.tensor([sum(target_count(b) for b in batches), sum(token_count(r) for r in micro_rows)],
-                         device=accelerator.device)
+    if state.preference:
+        batches = [make_pair_batch(state, indices) for indices in window]
+        units = sum(pair_count(b) for b in batches)
+    else:
+        batches = [make_batch(chosen, state.pad_id, plan) for chosen in micro_rows]
+        units = sum(target_count(b) for b in batches)
+    local = torch.tensor([units, sum(token_count(r) for r in micro_rows)], device=accelerator.device)
     targets, tokens = (int(v) for v in accelerator.reduce(local, "sum"))
     # DDP averages gradients over processes, so each one scales its sum by world size / global targets
     scale = accelerator.num_processes / max(targets, 1)
     loss_sum = torch.zeros((), device=accelerator.device)
+    pair_sums = torch.zeros(4, device=accelerator.device)
     for i, batch in enumerate(batches):
         with gradient_sync(accelerator, model, plan, sync=i == len(batches) - 1):
             with _activation_place(plan), accelerator.autocast():
-                micro = causal_lm_loss_sum(model, _to(batch, accelerator.device), plan.loss)
+                micro, metric_sums = _micro_loss(state, _to(batch, accelerator.device))
             accelerator.backward(micro * scale)
         loss_sum += micro.detach()
+        if metric_sums is not None:
+            pair_sums += metric_sums
+    if state.preference:
+        state.pair_metrics = metric_means(accelerator.reduce(pair_sums, "sum"), targets)
     assert model.training, "training step in eval mode: checkpointing and dropout would be off"
     grad_norm = clip_gradients(accelerator, model, state.cfg.train.max_grad_norm)
     state.optimizer.step()
@@ -283,16 +306,27 @@ def _plans(cfg: Config, model_dir: Path, data: TrainData,
     """How this device runs a step (every `auto` decided once) and which rows each step takes on this process;
     without an accelerator (--dry-run), this machine's default device as the only process."""
     seq_len = cfg.data.max_length or max((len(row["input_ids"]) for row in data.train), default=1)
+    if cfg.train.method != "sft" and cfg.data.max_length:
+        seq_len *= 2  # a row holds both sides of its pairs
     device, processes, rank = (accelerator.device, accelerator.num_processes, accelerator.process_index) \
         if accelerator else (default_device(), 1, 0)
     plan = plan_device(cfg, model_dir, device, seq_len, processes)
     return plan, StepPlan(len(data.train), plan.micro_batch, plan.grad_accum, cfg.train.seed, processes, rank)
 
 
+def _build_data(cfg: Config, tokenizer: Any, template: ChatTemplate, replay: list[list[dict]] | None) -> TrainData:
+    """Conversations for SFT; preference pairs for dpo/orpo/simpo."""
+    if cfg.train.method != "sft":
+        return build_pair_dataset(cfg, tokenizer, template)
+    return build_dataset(cfg, tokenizer, template, replay)
+
+
 def _describe_plan(plan: StepPlan, total: int, cfg: Config, trainable: int, params: int) -> str:
     share = 100 * trainable / max(params, 1)
     method = "full fine-tuning" if not cfg.lora.enabled else \
         ("QLoRA" if cfg.model.quantization != "none" else "LoRA") + f" r={cfg.lora.r}"
+    if cfg.train.method != "sft":
+        method += f", {PreferenceSettings.from_train(cfg.train).describe()}"
     return (f"plan: {method}, {trainable:,} trainable of {params:,} parameters ({share:.2f}%)\n"
             f"      {plan.num_rows} rows, {plan.batch_size * plan.grad_accum} rows per step x "
             f"{plan.world_size} process(es) -> {plan.steps_per_epoch} steps/epoch, {total} steps")
@@ -312,7 +346,7 @@ def _dry_run(console: Console, cfg: Config, model_dir: Path, tokenizer: Any, tem
     replay = read_answers(replay_file) if replay_file and replay_file.is_file() else None
     if replay_file and replay is None:
         say("replay: the base model's answers are generated when training starts (not counted here)")
-    data = build_dataset(cfg, tokenizer, template, replay)
+    data = _build_data(cfg, tokenizer, template, replay)
     device_plan, plan = _plans(cfg, model_dir, data, None)
     total = plan.total_steps(cfg.train.epochs, cfg.train.max_steps)
     trainable, params = count_parameters_without_weights(model_dir, cfg.lora, cfg.model.trust_remote_code)
@@ -371,7 +405,7 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
         if replay_applies(cfg, say):
             with accelerator.main_process_first():  # the first process generates, the others read its cache
                 replay = base_answers(cfg, model_dir, tokenizer, template, str(accelerator.device), say)
-        data = build_dataset(cfg, tokenizer, template, replay)
+        data = _build_data(cfg, tokenizer, template, replay)
         state = RunState(cfg, run, accelerator, *_plans(cfg, model_dir, data, accelerator), data, tokenizer,
                          template)
         if main:
@@ -387,6 +421,8 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
 
         set_seed(cfg.train.seed)
         (trainable, params), notes = _build_training(state, model_dir)
+        if state.preference:
+            precompute_reference(state)  # full fine-tuning's DPO reference, from the base weights: before _restore
         step = _restore(state, checkpoint, console) if checkpoint is not None else 0
         if main:
             _say(console, data.describe())
@@ -428,7 +464,13 @@ def _fit(state: RunState, result: TrainResult, recorder: Recorder, console: Cons
     # a live bar only on a terminal; logs (CI, nohup) get the plain step lines alone
     with ProgressBar(console, total, step, enabled=main and console.is_terminal) as bar, StopRequest() as stop:
         def observe(at: int) -> None:
-            if state.data.eval:
+            if state.data.eval and state.preference:
+                scores = eval_pairs(state)
+                recorder.log({"step": at, **scores})
+                if main:
+                    bar.print(f"step {at}: eval loss {scores['eval_loss']:.4f}, reward accuracy "
+                              f"{scores['eval_rewards/accuracy']:.1%}, margin {scores['eval_rewards/margin']:.4f}")
+            elif state.data.eval:
                 loss = eval_loss(state)
                 recorder.log({"step": at, "eval_loss": round(loss, 6)})
                 if main:
@@ -451,7 +493,7 @@ def _fit(state: RunState, result: TrainResult, recorder: Recorder, console: Cons
             meter.update(tokens, step_s)
             tokens_per_s, eta = meter.rates(step)
             row = {"step": step, "epoch": round(state.steps.epoch_of(step), 4), "loss": round(loss, 6),
-                   "lr": state.scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 6),
+                   **state.pair_metrics, "lr": state.scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 6),
                    "tokens_per_s": round(tokens_per_s, 1), "step_s": round(step_s, 4), "tokens": tokens,
                    "peak_mem_gb": round(peak_memory_gb(state.accelerator.device), 3),
                    "eta": format_eta(eta)}
@@ -459,8 +501,9 @@ def _fit(state: RunState, result: TrainResult, recorder: Recorder, console: Cons
             if main:
                 bar.update(step, row)
                 if step % cfg.train.log_every == 0 or step in (1, total):
-                    bar.print(f"step {step}/{total}  loss {loss:.4f}  lr {row['lr']:.2e}  grad_norm {grad_norm:.3f}"
-                              f"  {tokens_per_s:.0f} tok/s  mem {row['peak_mem_gb']:.2f} GiB  eta {row['eta']}")
+                    bar.print(f"step {step}/{total}  loss {loss:.4f}{_pair_line(state.pair_metrics)}"
+                              f"  lr {row['lr']:.2e}  grad_norm {grad_norm:.3f}  {tokens_per_s:.0f} tok/s"
+                              f"  mem {row['peak_mem_gb']:.2f} GiB  eta {row['eta']}")
             if step % cfg.eval.every == 0 or step == total:
                 observe(step)
             stopping = stop.agreed(state.accelerator)
@@ -473,6 +516,13 @@ def _fit(state: RunState, result: TrainResult, recorder: Recorder, console: Cons
                     bar.print(f"interrupted at step {step}: saved {state.run.checkpoint_dir(step)}; continue with "
                               f"`lowtune train {state.run.config_path} --resume auto`")
                 raise KeyboardInterrupt
+
+
+def _pair_line(metrics: dict[str, float]) -> str:
+    """'  acc 75.0%  margin 0.1234' for a preference step's progress line; '' for SFT."""
+    if not metrics:
+        return ""
+    return f"  acc {metrics['rewards/accuracy']:.1%}  margin {metrics['rewards/margin']:.4f}"
 
 
 def _export(state: RunState, console: Console) -> None:

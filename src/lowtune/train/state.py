@@ -6,7 +6,7 @@ the step loop, the eval loss and the checkpoints, which read what they need from
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lowtune.config import Config
@@ -36,6 +36,16 @@ class RunState:
     """Placed for training: PEFT-wrapped for LoRA, then sharded or wrapped by accelerate (DDP)."""
     optimizer: Any = None
     scheduler: Any = None
+    reference: dict[str, list] | None = None
+    """Preference runs with a full fine-tune: DPO's reference log-probs of each train/eval row, computed once
+    (train/preference.py); None otherwise."""
+    pair_metrics: dict[str, float] = field(default_factory=dict)
+    """Preference runs: rewards and reward accuracy of the last step, for metrics.jsonl; empty for SFT."""
+
+    @property
+    def preference(self) -> bool:
+        """Trains on preference pairs (train.method dpo, orpo or simpo)."""
+        return self.cfg.train.method != "sft"
 
     @property
     def total(self) -> int:
