@@ -44,9 +44,15 @@ def tokens_per_second(plan: MemoryPlan, shape: Shape, seq: int, gpu_name: str, f
     return mfu(plan, seq) * tflops * 1e12 / shape.flops_per_token(seq, full=full) if tflops else None
 
 
+def row_tokens(cfg: Config) -> int:
+    """Tokens of one row as the planner sizes it: data.max_length (2048 when unset), doubled for preference
+    tuning, whose rows hold both answers of a pair."""
+    return (cfg.data.max_length or 2048) * (1 if cfg.train.method == "sft" else 2)
+
+
 def fit_summary(cfg: Config, shape: Shape, capacity: int, gpu_name: str) -> str:
     """One line: whether the config trains in `capacity` bytes, with what plan and at about what speed."""
-    seq = cfg.data.max_length or 2048
+    seq = row_tokens(cfg)
     plan = memory_plan(cfg, shape, seq, capacity)
     peak = f"forecast peak {plan.peak_bytes / GIB:.1f} of {capacity / GIB:.1f} GiB usable"
     if not plan.fits:
@@ -126,7 +132,7 @@ def estimate(cfg: Config, gpu_memory_gib: float | None, console: Console) -> int
         name, capacity = gpu
     else:
         name, capacity = "no GPU here: an 8 GiB card assumed", int(USABLE_SHARE * 8 * GIB)
-    seq = cfg.data.max_length or 2048
+    seq = row_tokens(cfg)
     lora_r = cfg.lora.r if cfg.lora.enabled else None
     rows = rows_per_step(cfg)
     plan = memory_plan(cfg, shape, seq, capacity)
