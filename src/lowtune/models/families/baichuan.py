@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lowtune.errors import UserError
-from lowtune.models.families.base import Family
+from lowtune.models.families.base import Family, qkv_entries, sentencepiece_model
 from lowtune.models.families.internlm import special_map, tokenizer_config_of
 from lowtune.models.families.spm import save_native_tokenizer
 
@@ -74,7 +74,7 @@ class Baichuan(Family):
         if name.endswith("self_attn.W_pack.weight"):
             base = name[: -len("W_pack.weight")]
             q, k, v = tensor.chunk(3, dim=0)
-            return [(f"{base}q_proj.weight", q), (f"{base}k_proj.weight", k), (f"{base}v_proj.weight", v)]
+            return qkv_entries(base, ".weight", q, k, v)
         if name == "lm_head.weight" and has_norm_head(config, Path(config["_lowtune_folder"])):
             import torch
 
@@ -84,9 +84,7 @@ class Baichuan(Family):
         return [(name, tensor)]
 
     def write_tokenizer(self, folder: Path, out_dir: Path, config: dict) -> list[int]:
-        model_file = folder / "tokenizer.model"
-        if not model_file.is_file():
-            raise UserError(f"{folder} has no tokenizer.model (Baichuan ships a SentencePiece model)")
+        model_file = sentencepiece_model(folder, "Baichuan")
         source = tokenizer_config_of(folder)
         save_native_tokenizer(model_file, out_dir, special_map(source), prepend="always",
                               add_bos=source.get("add_bos_token", False),

@@ -88,6 +88,19 @@ def llama_config(config: dict, rope_parameters: dict, attention_bias: bool) -> A
         dtype=config.get("torch_dtype"), architectures=["LlamaForCausalLM"])
 
 
+def qkv_entries(prefix: str, suffix: str, q: Any, k: Any, v: Any) -> list[tuple[str, Any]]:
+    """A fused q/k/v tensor's three parts under their native names, e.g. `{prefix}q_proj{suffix}`."""
+    return [(f"{prefix}{part}_proj{suffix}", tensor) for part, tensor in zip("qkv", (q, k, v))]
+
+
+def sentencepiece_model(folder: Path, family: str) -> Path:
+    """The checkpoint's `tokenizer.model`, or a one-line error naming the folder."""
+    model_file = folder / "tokenizer.model"
+    if not model_file.is_file():
+        raise UserError(f"{folder} has no tokenizer.model ({family} ships a SentencePiece model)")
+    return model_file
+
+
 def weight_shards(folder: Path) -> list[Path]:
     """The checkpoint's weight files in index order (sharded or single)."""
     for index in WEIGHT_INDEXES:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lowtune.errors import UserError
-from lowtune.models.families.base import Family, llama_config
+from lowtune.models.families.base import Family, llama_config, sentencepiece_model
 from lowtune.models.families.spm import load_proto, save_native_tokenizer
 
 STOP_PIECES = ("<eoa>",)
@@ -52,9 +52,7 @@ class InternLM(Family):
         return [(name, tensor)]
 
     def write_tokenizer(self, folder: Path, out_dir: Path, config: dict) -> list[int]:
-        model_file = folder / "tokenizer.model"
-        if not model_file.is_file():
-            raise UserError(f"{folder} has no tokenizer.model (InternLM ships a SentencePiece model)")
+        model_file = sentencepiece_model(folder, "InternLM")
         source = tokenizer_config_of(folder)
         save_native_tokenizer(model_file, out_dir, special_map(source), prepend="first",
                               add_bos=source.get("add_bos_token", True),

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lowtune.errors import UserError
-from lowtune.models.families.base import Family, llama_config
+from lowtune.models.families.base import Family, llama_config, qkv_entries, sentencepiece_model
 from lowtune.models.families.internlm import special_map, tokenizer_config_of, spm_stop_ids
 from lowtune.models.families.spm import save_native_tokenizer
 
@@ -74,8 +74,7 @@ class InternLM2(Family):
         if leaf.startswith("attention.wqkv."):
             kind = leaf.rsplit(".", 1)[1]
             q, k, v = split_wqkv(tensor, config)
-            return [(f"{base}.self_attn.q_proj.{kind}", q), (f"{base}.self_attn.k_proj.{kind}", k),
-                    (f"{base}.self_attn.v_proj.{kind}", v)]
+            return qkv_entries(f"{base}.self_attn.", f".{kind}", q, k, v)
         for old, new in LAYER_RENAMES.items():
             if leaf.startswith(old + "."):
                 return [(f"{base}.{new}{leaf[len(old):]}", tensor)]
@@ -84,9 +83,7 @@ class InternLM2(Family):
         raise UserError(f"unexpected InternLM2 tensor '{name}'; is this an InternLM2 checkpoint?")
 
     def write_tokenizer(self, folder: Path, out_dir: Path, config: dict) -> list[int]:
-        model_file = folder / "tokenizer.model"
-        if not model_file.is_file():
-            raise UserError(f"{folder} has no tokenizer.model (InternLM2 ships a SentencePiece model)")
+        model_file = sentencepiece_model(folder, "InternLM2")
         source = tokenizer_config_of(folder)
         added = {int(i): (t["content"] if isinstance(t, dict) else t)
                  for i, t in (source.get("added_tokens_decoder") or {}).items()}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lowtune.errors import UserError
-from lowtune.models.families.base import Family
+from lowtune.models.families.base import Family, qkv_entries
 from lowtune.models.families.tiktoken_bpe import build_fast_tokenizer, load_ranks
 
 PAT_STR = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"""
@@ -76,8 +76,7 @@ class QwenV1(Family):
         if leaf.startswith("attn.c_attn."):
             kind = leaf.rsplit(".", 1)[1]
             q, k, v = tensor.chunk(3, dim=0)
-            return [(f"{base}.self_attn.q_proj.{kind}", q), (f"{base}.self_attn.k_proj.{kind}", k),
-                    (f"{base}.self_attn.v_proj.{kind}", v)]
+            return qkv_entries(f"{base}.self_attn.", f".{kind}", q, k, v)
         if leaf.endswith("rotary_emb.inv_freq") or leaf.endswith("masked_bias") or leaf.endswith("attn.bias"):
             return []
         for old, new in LAYER_RENAMES.items():
