@@ -377,6 +377,15 @@ def test_full_fine_tuning_dpo_uses_precomputed_reference_log_probs(tmp_path):
     assert steps[-1]["rewards/margin"] > 0 and result.losses[-1] < result.losses[0]
     assert (tmp_path / "run" / "model" / "config.json").is_file()
 
+    from lowtune.infer.engine import load_engine
+    from lowtune.infer.evaluate import evaluate
+
+    # eval has no adapter to switch off: the run's base is loaded beside it as the reference
+    report = evaluate(load_engine(str(tmp_path / "run")), str(tmp_path / "pairs.jsonl"), n_samples=1,
+                      with_base=False)
+    assert report.pairs == 16 and report.metrics["reward_accuracy"]["of"] == 16
+    assert report.metrics["reward_margin"] > 0
+
 
 @pytest.mark.parametrize("method", ["orpo", "simpo"])
 def test_reference_free_methods_train(tmp_path, method):
