@@ -467,6 +467,8 @@ def test_data_of_the_wrong_kind_is_refused_with_the_fix(tmp_path):
                                             {"role": "assistant", "content": "hello"}]}) + "\n", encoding="utf-8")
     with pytest.raises(UserError, match="no usable preference pair .* first problem: .*not a preference pair"):
         train(load_config(str(write_config(tmp_path, data={"train": [str(sft)]}))))
+    with pytest.raises(UserError, match=r"data.eval: no preference pair in .*sft.jsonl; first problem: .*:1: "):
+        train(load_config(str(write_config(tmp_path, name="eval", data={"eval": str(sft)}))))
     with pytest.raises(UserError, match="train it with train.method=dpo"):
         train(load_config(str(write_config(tmp_path, name="sft", train={"method": "sft"}))))
 

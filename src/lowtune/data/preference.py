@@ -151,7 +151,7 @@ def _write_cache(folder: Path, cfg: Config, tokenizer: PreTrainedTokenizerBase,
     train_pairs = [p for i, p in enumerate(pairs) if i not in held]
     eval_pairs = [p for i, p in enumerate(pairs) if i in held]
     if isinstance(data.eval, str) and data.eval:
-        eval_pairs = [pair for _, pair in read_pairs(data.eval, data.format, ReadReport(unit="pairs"), data.system)]
+        eval_pairs = _eval_file_pairs(data.eval, data.format, data.system)
 
     train_writer, lengths = cache.SampleWriter(folder, "train"), []
     for batch in _in_batches(iter(train_pairs)):
@@ -172,6 +172,16 @@ def _write_cache(folder: Path, cfg: Config, tokenizer: PreTrainedTokenizerBase,
     summary.rows = len(rows)
     (folder / "summary.json").write_text(json.dumps(asdict(summary), ensure_ascii=False), encoding="utf-8")
     return summary
+
+
+def _eval_file_pairs(path: str, fmt: str, system: str | None) -> list[dict]:
+    report = ReadReport(unit="pairs")
+    pairs = [pair for _, pair in read_pairs(path, fmt, report, system)]
+    if not pairs:
+        raise UserError(f"data.eval: no preference pair in {path}"
+                        + (f"; first problem: {report.reasons[0]}" if report.reasons else "")
+                        + ": give held-out pairs (lowtune data split PAIRS) or a fraction like 0.05")
+    return pairs
 
 
 def pair_rows(pair_lengths: list[int], max_length: int | None, packing: bool, seed: int) -> list[list[int]]:

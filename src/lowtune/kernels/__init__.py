@@ -60,9 +60,10 @@ def causal_lm_loss_sum(model: Any, batch: dict[str, Any], path: str = "chunked",
 
 
 def causal_lm_token_logps(model: Any, batch: dict[str, Any], path: str = "chunked") -> torch.Tensor:
-    """Log-probability of each supervised next token, [rows, positions - 1] in fp32, 0 where the label is ignored;
-    differentiable. The inputs are those of `causal_lm_loss_sum`. 'fused' takes the chunked path: Liger's kernel
-    returns only a summed loss, and preference losses need every sequence's own log-probability."""
+    """Log-probability of each supervised next token, [rows, positions - 1] in fp32 (fp64 for an fp64 model), 0
+    where the label is ignored; differentiable. The inputs are those of `causal_lm_loss_sum`. 'fused' takes the
+    chunked path: Liger's kernel returns only a summed loss, and preference losses need every sequence's own
+    log-probability."""
     inputs = _model_inputs(batch, {})
     labels = batch["labels"][:, 1:]
     if path == "logits":
