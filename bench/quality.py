@@ -37,6 +37,8 @@ PREVIOUS_SELF = ["data.replay=0", "train.lr=3e-3", "train.epochs=6", "data.max_l
 SELF_SETTINGS = {"previous default": PREVIOUS_SELF, "shipped, without replay": ["data.replay=0"],
                  "shipped default": []}
 """Rows of the self-cognition table: the middle one shows what replay itself adds."""
+SELF_ORDER = ("shipped default", "previous default", "shipped, without replay")
+"""The order the rows run in: the most telling first, so that a run cut short still shows them."""
 MEDQA_ON_SMALL_MODEL = ["model.template=auto", "model.quantization=none"]
 """The MedQA recipe targets InternLM-Chat-7B (its template, 4-bit on a GPU); on this model: its own template, and
 LoRA, since the CPU has no 4-bit kernels worth the time here (QLoRA on this model is in tests/real)."""
@@ -145,7 +147,7 @@ def render(self_results: dict, medqa_result: dict, log: list[str], where: dict) 
 def run_parts(parts: set[str], work: Path, model: Path, results: dict, save) -> None:
     """Run the rows of the named parts that `results` lacks, saving after each row (with its commands)."""
     results["device"], results["date"] = device_name(), datetime.date.today().isoformat()
-    rows = [("self", label) for label in reversed(SELF_SETTINGS)] if "self" in parts else []  # shipped first
+    rows = [("self", label) for label in SELF_ORDER] if "self" in parts else []
     rows += [("medqa", "medqa")] if "medqa" in parts else []
     for part, label in rows:
         table = results.setdefault(part, {})

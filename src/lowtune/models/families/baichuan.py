@@ -14,10 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lowtune.errors import UserError
-from lowtune.models.families.base import Family, qkv_entries, sentencepiece_model
-from lowtune.models.families.internlm import special_map, tokenizer_config_of
-from lowtune.models.families.spm import save_native_tokenizer
+from lowtune.models.families.base import Family, qkv_entries
+from lowtune.models.families.internlm import write_spm_tokenizer
 
 BAICHUAN2_VOCAB = 125696
 
@@ -84,9 +82,5 @@ class Baichuan(Family):
         return [(name, tensor)]
 
     def write_tokenizer(self, folder: Path, out_dir: Path, config: dict) -> list[int]:
-        model_file = sentencepiece_model(folder, "Baichuan")
-        source = tokenizer_config_of(folder)
-        save_native_tokenizer(model_file, out_dir, special_map(source), prepend="always",
-                              add_bos=source.get("add_bos_token", False),
-                              add_eos=source.get("add_eos_token", False))
+        write_spm_tokenizer(folder, out_dir, "Baichuan", prepend="always", add_bos=False)
         return []

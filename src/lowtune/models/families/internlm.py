@@ -52,12 +52,19 @@ class InternLM(Family):
         return [(name, tensor)]
 
     def write_tokenizer(self, folder: Path, out_dir: Path, config: dict) -> list[int]:
-        model_file = sentencepiece_model(folder, "InternLM")
-        source = tokenizer_config_of(folder)
-        save_native_tokenizer(model_file, out_dir, special_map(source), prepend="first",
-                              add_bos=source.get("add_bos_token", True),
-                              add_eos=source.get("add_eos_token", False))
+        model_file = write_spm_tokenizer(folder, out_dir, "InternLM", prepend="first", add_bos=True)
         return spm_stop_ids(model_file, STOP_PIECES)
+
+
+def write_spm_tokenizer(folder: Path, out_dir: Path, family: str, prepend: str, add_bos: bool, **extra: Any) -> Path:
+    """The checkpoint's SentencePiece tokenizer as a native one in `out_dir` (its tokenizer_config.json decides
+    BOS/EOS where it says); returns the tokenizer.model it read."""
+    model_file = sentencepiece_model(folder, family)
+    source = tokenizer_config_of(folder)
+    save_native_tokenizer(model_file, out_dir, special_map(source), prepend=prepend,
+                          add_bos=source.get("add_bos_token", add_bos),
+                          add_eos=source.get("add_eos_token", False), **extra)
+    return model_file
 
 
 def tokenizer_config_of(folder: Path) -> dict:

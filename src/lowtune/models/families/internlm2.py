@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lowtune.errors import UserError
-from lowtune.models.families.base import Family, llama_config, qkv_entries, sentencepiece_model
-from lowtune.models.families.internlm import special_map, tokenizer_config_of, spm_stop_ids
-from lowtune.models.families.spm import save_native_tokenizer
+from lowtune.models.families.base import Family, llama_config, qkv_entries
+from lowtune.models.families.internlm import spm_stop_ids, tokenizer_config_of, write_spm_tokenizer
 
 RENAMES = {
     "model.tok_embeddings.weight": "model.embed_tokens.weight",
@@ -83,14 +82,12 @@ class InternLM2(Family):
         raise UserError(f"unexpected InternLM2 tensor '{name}'; is this an InternLM2 checkpoint?")
 
     def write_tokenizer(self, folder: Path, out_dir: Path, config: dict) -> list[int]:
-        model_file = sentencepiece_model(folder, "InternLM2")
         source = tokenizer_config_of(folder)
         added = {int(i): (t["content"] if isinstance(t, dict) else t)
                  for i, t in (source.get("added_tokens_decoder") or {}).items()}
         special = {(t["content"] if isinstance(t, dict) else t)
                    for t in (source.get("added_tokens_decoder") or {}).values()
                    if not isinstance(t, dict) or t.get("special", True)}
-        save_native_tokenizer(model_file, out_dir, special_map(source), prepend="always", extra_added=added,
-                              special=special, add_bos=source.get("add_bos_token", True),
-                              add_eos=source.get("add_eos_token", False))
+        model_file = write_spm_tokenizer(folder, out_dir, "InternLM2", prepend="always", add_bos=True,
+                                         extra_added=added, special=special)
         return spm_stop_ids(model_file, STOP_PIECES)
