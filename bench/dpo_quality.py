@@ -66,8 +66,8 @@ def lowtune(*args: str, cwd: Path, log: list[str], creates: str | None = None) -
     print("$", log[-1], flush=True)
     if creates is not None and (cwd / creates).is_file():
         return 0.0
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"),
-                                                                     os.environ.get("PYTHONPATH")]))}
+    env = {"HF_HUB_OFFLINE": "1", **os.environ,  # nothing here needs a hub: never wait on one
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "lowtune.cli", *args], cwd=cwd, env=env, check=True)
     return time.perf_counter() - started
@@ -95,19 +95,25 @@ def mean(values: list[float]) -> float:
     return sum(values) / max(len(values), 1)
 
 
-def answer_lengths(report: dict, pairs: list[dict]) -> dict:
+def is_chinese(text: str) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
+
+
+def answer_lengths(report: dict, pairs: list[dict], english_only: bool = False) -> dict:
     """Mean characters of the greedy answers (base, tuned) and of the chosen and rejected answers of the same
-    prompts; the share of answers nearer the chosen length than the rejected one."""
-    samples = report["samples"]
-    chosen = [len(p["chosen"][-1]["content"]) for p in pairs[:len(samples)]]
-    rejected = [len(p["rejected"][-1]["content"]) for p in pairs[:len(samples)]]
+    prompts; the share of answers nearer the chosen length than the rejected one. The samples are the answers to
+    the first held-out pairs, in order."""
+    kept = [(s, p) for s, p in zip(report["samples"], pairs) if not (english_only and is_chinese(s["question"]))]
+    samples, pairs = [s for s, _ in kept], [p for _, p in kept]
+    chosen = [len(p["chosen"][-1]["content"]) for p in pairs]
+    rejected = [len(p["rejected"][-1]["content"]) for p in pairs]
 
     def nearer_chosen(answers: list[str]) -> float:
         return mean([abs(len(a) - c) < abs(len(a) - r) for a, c, r in zip(answers, chosen, rejected)])
 
     base = [s["base_answer"] or "" for s in samples]
     tuned = [s["answer"] for s in samples]
-    return {"base": mean([len(a) for a in base]), "tuned": mean([len(a) for a in tuned]),
+    return {"prompts": len(samples), "base": mean([len(a) for a in base]), "tuned": mean([len(a) for a in tuned]),
             "chosen": mean(chosen), "rejected": mean(rejected),
             "base_nearer_chosen": nearer_chosen(base), "tuned_nearer_chosen": nearer_chosen(tuned)}
 
@@ -126,7 +132,8 @@ def collect(work: Path, train_s: float, log: list[str], quick: bool) -> dict:
         else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device,
             "quick": quick, "train_s": train_s, "held_out": len(pairs), "report": report,
-            "lengths": answer_lengths(report, pairs), "evals": training_evals(work / RUN), "commands": log}
+            "lengths": answer_lengths(report, pairs), "english": answer_lengths(report, pairs, english_only=True),
+            "evals": training_evals(work / RUN), "commands": log}
 
 
 # --- the page -----------------------------------------------------------------------------------------------------
@@ -159,22 +166,28 @@ def reward_table(r: dict) -> list[str]:
             f"| DPO reward accuracy, `lowtune eval` | (0 by definition) | {rate(metrics.get('reward_accuracy'))} |",
             f"| chosen preferred by mean log-prob (SimPO/ORPO reward) | {rate(base.get('chosen_preferred'))} | "
             f"{rate(metrics.get('chosen_preferred'))} |",
-            f"| ROUGE-L of greedy answers vs chosen | {number(base.get('rouge_l'))} | {number(metrics.get('rouge_l'))} |"]
+            f"| ROUGE-L of greedy answers vs chosen | {number(base.get('rouge_l'))} | "
+            f"{number(metrics.get('rouge_l'))} |"]
 
 
 def length_table(r: dict) -> list[str]:
-    n, lengths = len(r["report"]["samples"]), r["lengths"]
-    return [f"| greedy answers to {n} held-out prompts | before (base) | after DPO |", "|---|---|---|",
-            f"| mean length, characters | {lengths['base']:.0f} | {lengths['tuned']:.0f} |",
-            f"| nearer the chosen length than the rejected one | {lengths['base_nearer_chosen']:.0%} | "
-            f"{lengths['tuned_nearer_chosen']:.0%} |", "",
-            f"The chosen answers of these prompts average {lengths['chosen']:.0f} characters, the rejected ones "
-            f"{lengths['rejected']:.0f}."]
+    lines = ["| greedy answers to held-out prompts | before (base) | after DPO | chosen | rejected |",
+             "|---|---|---|---|---|"]
+    for label, lengths in ((f"all {r['lengths']['prompts']} prompts", r["lengths"]),
+                           (f"the {r['english']['prompts']} English ones", r["english"])):
+        if lengths["prompts"]:
+            lines += [f"| mean length (characters), {label} | {lengths['base']:.0f} | {lengths['tuned']:.0f} | "
+                      f"{lengths['chosen']:.0f} | {lengths['rejected']:.0f} |",
+                      f"| nearer the chosen length than the rejected one, {label} | "
+                      f"{lengths['base_nearer_chosen']:.0%} | {lengths['tuned_nearer_chosen']:.0%} | | |"]
+    return lines + ["", "SmolLM2-135M answers Chinese prompts poorly before and after (it was trained on English); "
+                        "the English rows show the style change on answers the model can give."]
 
 
 def sample_lines(r: dict) -> list[str]:
     lines = []
-    for s in r["report"]["samples"][:SHOWN]:
+    samples = sorted(r["report"]["samples"], key=lambda s: is_chinese(s["question"]))  # English first (stable)
+    for s in samples[:SHOWN]:
         lines += [f"**{one_line(s['question'])}**", "", f"- before: {one_line(s['base_answer'])}",
                   f"- after: {one_line(s['answer'])}", f"- chosen: {one_line(s['reference'])}", ""]
     return lines
