@@ -2,9 +2,10 @@
 attention kernel, loss path, and whether the weights are sharded over processes. Every `auto` setting in `train:`
 is decided here, once, before the model loads (the loss path is confirmed once the model exists).
 
-Layer 2 (train). On a GPU the memory forecast (models/memory.py) picks the fastest setting that fits: no
-checkpointing with the largest micro-batch, else checkpointing, else checkpointing with layer inputs on the CPU,
-and 8-bit optimizer states only when 32-bit ones do not fit. The optimizer always sees batch_size x grad_accum rows
+Layer 2 (train). On a GPU every candidate (micro-batch x checkpointing x offload x optimizer states) is ranked by
+forecast tokens/s (models/memory.py: fixed cost per micro-batch + FLOPs at an assumed MFU, recomputation and host
+copies priced) and the fastest whose forecast peak fits is taken; measured peaks (models/calibration.py) correct
+the forecast and narrow the safety margin where it proved accurate. 8-bit optimizer states only when they buy speed. The optimizer always sees batch_size x grad_accum rows
 per step, so the choice changes speed and memory, never the maths (the loss is token-normalised per step).
 On CPU the config is taken as written, with `auto` meaning off.
 """
@@ -20,10 +21,18 @@ from lowtune.config import Config
 from lowtune.errors import UserError
 from lowtune.kernels import LOSS_PATHS, has_plain_head
 from lowtune.kernels.loss import fused_loss_available
+from lowtune.models.calibration import Calibration, load_calibration
 from lowtune.models.load import compute_dtype
-from lowtune.models.memory import GIB, MemoryPlan, Shape, mode_name, plan_memory
-
-USABLE_SHARE = 0.8  # of free GPU memory: leaves room for the CUDA context, fragmentation and other processes
+from lowtune.models.memory import (
+    DEFAULT_TFLOPS,
+    GIB,
+    USABLE_SHARE,
+    MemoryPlan,
+    Shape,
+    matmul_tflops,
+    mode_name,
+    plan_memory,
+)
 
 
 @dataclass(frozen=True)
@@ -57,8 +66,10 @@ class DevicePlan:
         if self.sharded:
             text += f"\n      weights, gradients and optimizer states sharded over {self.processes} processes (FSDP)"
         if self.memory is not None:
-            text += f"\n      forecast peak {self.memory.peak_bytes / GIB:.1f} GiB of " \
-                    f"{self.memory.capacity_bytes / GIB:.1f} GiB usable"
+            m = self.memory
+            text += f"\n      forecast peak {m.peak_bytes / GIB:.1f} GiB of {m.limit_bytes / GIB:.1f} GiB usable" \
+                    + (f" ({m.calibration})" if m.calibration else "") \
+                    + f", forecast {m.tokens_per_s:,.0f} tokens/s"
             if not self.memory.fits:
                 text += f" - may run out of memory: {self.fit_hint}"
         return text
@@ -110,10 +121,13 @@ def _cpu_plan(cfg: Config) -> DevicePlan:
                       compile=_as_bool(cfg.train.compile, False), attention="sdpa", flat_batches=False)
 
 
-def memory_plan(cfg: Config, shape: Shape, seq_len: int, capacity: int) -> MemoryPlan:
-    """The memory plan for the train section: its fixed choices kept, every `auto` picked for `capacity`."""
+def memory_plan(cfg: Config, shape: Shape, seq_len: int, capacity: int, tflops: float = DEFAULT_TFLOPS,
+                calibration: Calibration | None = None) -> MemoryPlan:
+    """The memory plan for the train section: its fixed choices kept, every `auto` picked for `capacity`, ranked by
+    forecast speed at `tflops`, the forecast corrected by measured peaks (the shipped ones unless given)."""
     t = cfg.train
     return plan_memory(shape, capacity_bytes=capacity, seq_len=seq_len, rows_per_step=rows_per_step(cfg),
+                       calibration=load_calibration() if calibration is None else calibration, tflops=tflops,
                        quantization=cfg.model.quantization, lora_r=cfg.lora.r if cfg.lora.enabled else None,
                        optimizer=t.optimizer, micro_batch=None if t.micro_batch == "auto" else t.micro_batch,
                        checkpointing=None if t.gradient_checkpointing == "auto" else bool(t.gradient_checkpointing),
@@ -134,10 +148,12 @@ def fit_hint(cfg: Config) -> str:
 
 
 def _gpu_plan(cfg: Config, model_dir: Path, seq_len: int, capacity: int) -> DevicePlan:
+    import torch
+
     from lowtune.kernels.attention import register, varlen_available
 
     shape = Shape.from_config(json.loads((model_dir / "config.json").read_text(encoding="utf-8")))
-    memory = memory_plan(cfg, shape, seq_len, capacity)
+    memory = memory_plan(cfg, shape, seq_len, capacity, matmul_tflops(torch.cuda.get_device_name()) or DEFAULT_TFLOPS)
     optimizer = memory.optimizer
     if optimizer.endswith("8bit") or optimizer.startswith("paged"):
         try:
