@@ -22,6 +22,7 @@ OPTIMIZER_BYTES_PER_PARAM = {  # fp32 master weight + fp32 grad + optimizer stat
     # paged states live in CUDA unified memory, evicted to the host under pressure: not in the allocator's peak
     "paged_adamw": 4 + 4, "paged_adamw_8bit": 4 + 4,
 }
+MLP_TILE_TOKENS = 16384  # tiled MLP (kernels/tiled.py): tokens per tile of a longer micro-batch
 MAX_TOKENS_PER_MICRO_BATCH = 16384  # beyond this, GEMMs are saturated and memory is better spent elsewhere
 HALF_SPEED_TOKENS = 4096  # micro-batch size at which a 7B step reaches about half its large-batch speed (H200)
 MODE_SPEED = {(False, False): 1.0, (True, False): 0.75, (True, True): 0.7}  # no ckpt / ckpt / ckpt + offload
@@ -171,9 +172,15 @@ def lora_params(shape: Shape, r: int) -> int:
     return shape.layers * sum(r * (i + o) for i, o in shape.linear_shapes())
 
 
+def mlp_tiles(tokens: int) -> int:
+    """Sequence tiles of the MLP for a micro-batch of `tokens` (1: untiled)."""
+    return -(-tokens // MLP_TILE_TOKENS)
+
+
 def layer_activation_bytes(shape: Shape, tokens: int) -> int:
-    """What one decoder layer keeps for backward (also the working set when recomputing it)."""
-    return 2 * (16 * shape.hidden + 6 * shape.intermediate) * tokens
+    """What one decoder layer keeps for backward (also the working set when recomputing it); past MLP_TILE_TOKENS
+    the MLP's ff-wide intermediates exist for one tile only (tiled MLP)."""
+    return 2 * (16 * shape.hidden * tokens + 6 * shape.intermediate * min(tokens, MLP_TILE_TOKENS))
 
 
 def activation_bytes(shape: Shape, tokens: int, checkpointing: bool, offload: bool) -> int:

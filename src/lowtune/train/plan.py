@@ -30,6 +30,7 @@ from lowtune.models.memory import (
     MemoryPlan,
     Shape,
     matmul_tflops,
+    mlp_tiles,
     mode_name,
     plan_memory,
 )
@@ -52,6 +53,8 @@ class DevicePlan:
     """What to change when the forecast does not fit."""
     loss: str = "chunked"
     """How the loss is computed, a key of kernels.LOSS_PATHS."""
+    mlp_tiles: int = 1
+    """Sequence tiles of each layer's MLP (kernels/tiled.py); 1: untiled."""
     processes: int = 1
     sharded: bool = False
     """train.distributed=fsdp over several processes: weights, gradients and optimizer states are split
@@ -60,7 +63,8 @@ class DevicePlan:
     def describe(self) -> str:
         mode = mode_name(self.checkpointing, self.offload)
         extras = [self.attention] + (["compiled layers"] if self.compile else []) + (
-            ["padding-free batches"] if self.flat_batches else []) + [LOSS_PATHS[self.loss]]
+            ["padding-free batches"] if self.flat_batches else []) + (
+            [f"MLP in {self.mlp_tiles} sequence tiles"] if self.mlp_tiles > 1 else []) + [LOSS_PATHS[self.loss]]
         text = (f"device plan: micro-batch {self.micro_batch} x accumulation {self.grad_accum}, {mode}, "
                 f"optimizer {self.optimizer}, {', '.join(extras)}")
         if self.sharded:
@@ -112,13 +116,22 @@ def triton_supported() -> bool:
     return torch.cuda.get_device_capability() >= (7, 0)
 
 
-def _cpu_plan(cfg: Config) -> DevicePlan:
+def tiles_for(cfg: Config, tokens: int, auto: bool) -> int:
+    """MLP tiles for micro-batches of `tokens` (train.tiled_mlp): true tiles in at least two; `auto` tiles past
+    MLP_TILE_TOKENS where `auto` is True (GPU); false never."""
+    if cfg.train.tiled_mlp is True:
+        return max(2, mlp_tiles(tokens))
+    return mlp_tiles(tokens) if cfg.train.tiled_mlp == "auto" and auto else 1
+
+
+def _cpu_plan(cfg: Config, seq_len: int) -> DevicePlan:
     micro = cfg.train.batch_size if cfg.train.micro_batch == "auto" else cfg.train.micro_batch
     checkpointing = _as_bool(cfg.train.gradient_checkpointing, False)
     return DevicePlan(micro_batch=micro, grad_accum=rows_per_step(cfg) // micro, checkpointing=checkpointing,
                       offload=checkpointing and _as_bool(cfg.train.offload_activations, False),
                       optimizer="adamw" if cfg.train.optimizer == "auto" else cfg.train.optimizer,
-                      compile=_as_bool(cfg.train.compile, False), attention="sdpa", flat_batches=False)
+                      compile=_as_bool(cfg.train.compile, False), attention="sdpa", flat_batches=False,
+                      mlp_tiles=tiles_for(cfg, micro * seq_len, auto=False))
 
 
 def memory_plan(cfg: Config, shape: Shape, seq_len: int, capacity: int, tflops: float = DEFAULT_TFLOPS,
@@ -165,7 +178,7 @@ def _gpu_plan(cfg: Config, model_dir: Path, seq_len: int, capacity: int) -> Devi
                       checkpointing=memory.checkpointing, offload=memory.offload, optimizer=optimizer,
                       compile=_as_bool(cfg.train.compile, triton_supported() and cfg.train.distributed != "fsdp"),
                       attention=register() if varlen else "sdpa", flat_batches=varlen, memory=memory,
-                      fit_hint=fit_hint(cfg))
+                      fit_hint=fit_hint(cfg), mlp_tiles=tiles_for(cfg, memory.micro_batch * seq_len, auto=True))
 
 
 def plan_device(cfg: Config, model_dir: Path, device: Any, seq_len: int, processes: int = 1) -> DevicePlan:
@@ -178,7 +191,7 @@ def plan_device(cfg: Config, model_dir: Path, device: Any, seq_len: int, process
         raise UserError("train.distributed=fsdp needs bf16 (Ampere or newer GPUs) or fp32: fp16 loss scaling is "
                         "not sharded; use train.distributed=ddp or model.dtype=fp32")
     cuda = str(device).startswith("cuda")
-    plan = _gpu_plan(cfg, Path(model_dir), seq_len, gpu_capacity_bytes()) if cuda else _cpu_plan(cfg)
+    plan = _gpu_plan(cfg, Path(model_dir), seq_len, gpu_capacity_bytes()) if cuda else _cpu_plan(cfg, seq_len)
     # a sharded head's weight is gathered only inside the model's own forward
     loss = "logits" if sharded else "fused" if cuda and fused_loss_available() else "chunked"
     return replace(plan, loss=loss, processes=processes, sharded=sharded)
