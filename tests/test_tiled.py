@@ -89,16 +89,22 @@ def test_plan_tiles_the_mlp_when_asked_or_for_long_rows(micro_dir):
     assert plan.mlp_tiles == 2 and "MLP in 2 sequence tiles" in plan.describe()
     assert plan_device(Config(), micro_dir, "cpu", 256).mlp_tiles == 1  # auto is off on CPU
     auto = Config()
-    assert tiles_for(auto, MLP_TILE_TOKENS, auto=True) == 1
-    assert tiles_for(auto, 4 * MLP_TILE_TOKENS + 1, auto=True) == 5
+    assert tiles_for(auto, MLP_TILE_TOKENS, 4, auto=True) == 1  # rows of ordinary length never tile
+    assert tiles_for(auto, 4 * MLP_TILE_TOKENS + 1, 1, auto=True) == 5
     off = Config.model_validate({"train": {"tiled_mlp": False}})
-    assert tiles_for(off, 10 * MLP_TILE_TOKENS, auto=True) == 1
+    assert tiles_for(off, 10 * MLP_TILE_TOKENS, 1, auto=True) == 1
 
 
 def test_forecast_counts_one_tile_of_mlp_intermediates():
-    from lowtune.models.memory import MLP_TILE_TOKENS, Shape, layer_activation_bytes
+    from lowtune.models.memory import MLP_TILE_TOKENS, Shape, candidate_plan, layer_activation_bytes
+    from lowtune.models.memory import Setting as S
 
     shape = Shape(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256)
-    short, long = (layer_activation_bytes(shape, n) for n in (MLP_TILE_TOKENS, 8 * MLP_TILE_TOKENS))
+    short, long = (layer_activation_bytes(shape, n, tiled=True) for n in (MLP_TILE_TOKENS, 8 * MLP_TILE_TOKENS))
     assert short == 2 * (16 * 4096 + 6 * 14336) * MLP_TILE_TOKENS
     assert long - short == 2 * 16 * 4096 * 7 * MLP_TILE_TOKENS  # only the hidden-wide part grows past one tile
+    assert layer_activation_bytes(shape, 8 * MLP_TILE_TOKENS) > long  # untiled
+    # the planner prices it: a long row is forecast tiled (less memory, one more MLP forward)
+    row, rows = (candidate_plan(shape, S("nf4", 32, "adamw", m, n, True, True), capacity_bytes=80 * 2**30,
+                                rows_per_step=m) for m, n in ((1, 2 * MLP_TILE_TOKENS), (2, MLP_TILE_TOKENS)))
+    assert row.breakdown["activations"] < rows.breakdown["activations"] and row.tokens_per_s < rows.tokens_per_s

@@ -19,7 +19,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lowtune.models.memory import GIB, Setting, Shape, forecast
+from lowtune.models.memory import GIB, Setting, Shape, forecast, long_rows
 
 EXACT_MARGIN = 0.05  # run-to-run and card-to-card spread of one setting's peak (54.8 H100 vs 56.0 GiB H200)
 NEAR_MARGIN = 0.15  # a setting not itself measured: forecast error plus allocator fragmentation under a cap
@@ -47,7 +47,7 @@ class Measured:
         """Measured peak over the forecast of the same setting."""
         s = self.setting
         parts = forecast(self.shape, quantization=s.quantization, lora_r=s.lora_r, optimizer=s.optimizer,
-                         tokens=s.tokens, checkpointing=s.checkpointing, offload=s.offload)
+                         tokens=s.tokens, checkpointing=s.checkpointing, offload=s.offload, tiled=long_rows(s.seq_len))
         return self.peak_bytes / sum(parts.values())
 
 

@@ -22,7 +22,7 @@ OPTIMIZER_BYTES_PER_PARAM = {  # fp32 master weight + fp32 grad + optimizer stat
     # paged states live in CUDA unified memory, evicted to the host under pressure: not in the allocator's peak
     "paged_adamw": 4 + 4, "paged_adamw_8bit": 4 + 4,
 }
-MLP_TILE_TOKENS = 16384  # tiled MLP (kernels/tiled.py): tokens per tile of a longer micro-batch
+MLP_TILE_TOKENS = 8192  # tiled MLP (kernels/tiled.py): rows longer than this run their MLP in tiles of this size
 MAX_TOKENS_PER_MICRO_BATCH = 16384  # beyond this, GEMMs are saturated and memory is better spent elsewhere
 HALF_SPEED_TOKENS = 4096  # micro-batch size at which a 7B step reaches about half its large-batch speed (H200)
 MODE_SPEED = {(False, False): 1.0, (True, False): 0.75, (True, True): 0.7}  # no ckpt / ckpt / ckpt + offload
@@ -172,33 +172,40 @@ def lora_params(shape: Shape, r: int) -> int:
     return shape.layers * sum(r * (i + o) for i, o in shape.linear_shapes())
 
 
+def long_rows(seq_len: int) -> bool:
+    """Whether rows of this length take the tiled MLP by default (train.tiled_mlp=auto on a GPU)."""
+    return seq_len > MLP_TILE_TOKENS
+
+
 def mlp_tiles(tokens: int) -> int:
-    """Sequence tiles of the MLP for a micro-batch of `tokens` (1: untiled)."""
+    """Sequence tiles of the MLP for a micro-batch of `tokens`."""
     return -(-tokens // MLP_TILE_TOKENS)
 
 
-def layer_activation_bytes(shape: Shape, tokens: int) -> int:
-    """What one decoder layer keeps for backward (also the working set when recomputing it); past MLP_TILE_TOKENS
-    the MLP's ff-wide intermediates exist for one tile only (tiled MLP)."""
-    return 2 * (16 * shape.hidden * tokens + 6 * shape.intermediate * min(tokens, MLP_TILE_TOKENS))
+def layer_activation_bytes(shape: Shape, tokens: int, tiled: bool = False) -> int:
+    """What one decoder layer keeps for backward (also the working set when recomputing it); with the tiled MLP
+    its ff-wide intermediates exist for one tile of MLP_TILE_TOKENS only."""
+    mlp_tokens = min(tokens, MLP_TILE_TOKENS) if tiled else tokens
+    return 2 * (16 * shape.hidden * tokens + 6 * shape.intermediate * mlp_tokens)
 
 
-def activation_bytes(shape: Shape, tokens: int, checkpointing: bool, offload: bool) -> int:
+def activation_bytes(shape: Shape, tokens: int, checkpointing: bool, offload: bool, tiled: bool = False) -> int:
     if not checkpointing:
-        return shape.layers * layer_activation_bytes(shape, tokens)
+        return shape.layers * layer_activation_bytes(shape, tokens, tiled)
     kept = 0 if offload else shape.layers * 2 * shape.hidden * tokens  # one bf16 hidden state per layer
-    return kept + layer_activation_bytes(shape, tokens)
+    return kept + layer_activation_bytes(shape, tokens, tiled)
 
 
 def forecast(shape: Shape, *, quantization: str, lora_r: int | None, optimizer: str, tokens: int,
-             checkpointing: bool, offload: bool) -> dict[str, int]:
+             checkpointing: bool, offload: bool, tiled: bool = False) -> dict[str, int]:
     full = lora_r is None
     trainable = shape.linear_params + shape.embedding_params if full else lora_params(shape, lora_r)
     state = trainable * (OPTIMIZER_BYTES_PER_PARAM[optimizer] - (4 if full else 0))
     # the memory-tight mode (offloaded layer inputs) also keeps the input embedding table on the host
     return {"weights": weight_bytes(shape, quantization, full, host_input_embeddings=offload),
             "adapter+optimizer": int(state),
-            "activations": activation_bytes(shape, tokens, checkpointing, offload), "workspace": WORKSPACE_BYTES}
+            "activations": activation_bytes(shape, tokens, checkpointing, offload, tiled),
+            "workspace": WORKSPACE_BYTES}
 
 
 def recompute_factor(full: bool) -> float:
@@ -207,11 +214,19 @@ def recompute_factor(full: bool) -> float:
     return 1 + 2 / (6 if full else 4)
 
 
+def tiling_factor(shape: Shape, full: bool) -> float:
+    """FLOPs with the tiled MLP over without: its MLP forward runs again in backward (the MLP's share of the
+    layer's matmuls times a forward's share of the step)."""
+    mlp = 3 * shape.hidden * shape.intermediate
+    return 1 + mlp / sum(i * o for i, o in shape.linear_shapes()) * 2 / (6 if full else 4)
+
+
 def micro_batch_seconds(shape: Shape, *, seq_len: int, micro_batch: int, checkpointing: bool, offload: bool,
                         full: bool = False, compiled: bool = True, tflops: float = DEFAULT_TFLOPS) -> float:
     """Forecast wall time of one micro-batch (forward + backward) under the speed model above."""
     tokens = micro_batch * seq_len
     flops = tokens * shape.flops_per_token(seq_len, full=full) * (recompute_factor(full) if checkpointing else 1)
+    flops *= tiling_factor(shape, full) if long_rows(seq_len) else 1
     compute = flops / (tflops * 1e12 * LARGE_MATMUL_MFU) * (1 if compiled else EAGER_SLOWDOWN)
     copies = 2 * shape.layers * shape.hidden * tokens * 2 / HOST_COPY_BYTES_PER_S if offload else 0.0
     return MICRO_BATCH_OVERHEAD_S[(checkpointing, offload)] + compute + copies
@@ -236,7 +251,8 @@ def candidate_plan(shape: Shape, setting: Setting, *, capacity_bytes: int, rows_
                    calibration: Corrector | None = None, tflops: float = DEFAULT_TFLOPS) -> MemoryPlan:
     """The forecast of one setting: its peak (corrected by measured peaks where they speak for it) and speed."""
     parts = forecast(shape, quantization=setting.quantization, lora_r=setting.lora_r, optimizer=setting.optimizer,
-                     tokens=setting.tokens, checkpointing=setting.checkpointing, offload=setting.offload)
+                     tokens=setting.tokens, checkpointing=setting.checkpointing, offload=setting.offload,
+                     tiled=long_rows(setting.seq_len))
     peak, allowed, note = sum(parts.values()), 0, ""
     corrected = calibration.correct(shape, setting, peak) if calibration is not None else None
     if corrected is not None:

@@ -29,6 +29,7 @@ from lowtune.models.memory import (
     USABLE_SHARE,
     MemoryPlan,
     Shape,
+    long_rows,
     matmul_tflops,
     mlp_tiles,
     mode_name,
@@ -116,12 +117,13 @@ def triton_supported() -> bool:
     return torch.cuda.get_device_capability() >= (7, 0)
 
 
-def tiles_for(cfg: Config, tokens: int, auto: bool) -> int:
-    """MLP tiles for micro-batches of `tokens` (train.tiled_mlp): true tiles in at least two; `auto` tiles past
-    MLP_TILE_TOKENS where `auto` is True (GPU); false never."""
+def tiles_for(cfg: Config, seq_len: int, micro_batch: int, auto: bool) -> int:
+    """MLP tiles (train.tiled_mlp): true tiles in at least two; `auto` tiles rows longer than MLP_TILE_TOKENS where
+    `auto` is True (GPU), as the memory forecast assumes; false never."""
+    tokens = micro_batch * seq_len
     if cfg.train.tiled_mlp is True:
         return max(2, mlp_tiles(tokens))
-    return mlp_tiles(tokens) if cfg.train.tiled_mlp == "auto" and auto else 1
+    return mlp_tiles(tokens) if cfg.train.tiled_mlp == "auto" and auto and long_rows(seq_len) else 1
 
 
 def _cpu_plan(cfg: Config, seq_len: int) -> DevicePlan:
@@ -131,7 +133,7 @@ def _cpu_plan(cfg: Config, seq_len: int) -> DevicePlan:
                       offload=checkpointing and _as_bool(cfg.train.offload_activations, False),
                       optimizer="adamw" if cfg.train.optimizer == "auto" else cfg.train.optimizer,
                       compile=_as_bool(cfg.train.compile, False), attention="sdpa", flat_batches=False,
-                      mlp_tiles=tiles_for(cfg, micro * seq_len, auto=False))
+                      mlp_tiles=tiles_for(cfg, seq_len, micro, auto=False))
 
 
 def memory_plan(cfg: Config, shape: Shape, seq_len: int, capacity: int, tflops: float = DEFAULT_TFLOPS,
@@ -178,7 +180,7 @@ def _gpu_plan(cfg: Config, model_dir: Path, seq_len: int, capacity: int) -> Devi
                       checkpointing=memory.checkpointing, offload=memory.offload, optimizer=optimizer,
                       compile=_as_bool(cfg.train.compile, triton_supported() and cfg.train.distributed != "fsdp"),
                       attention=register() if varlen else "sdpa", flat_batches=varlen, memory=memory,
-                      fit_hint=fit_hint(cfg), mlp_tiles=tiles_for(cfg, memory.micro_batch * seq_len, auto=True))
+                      fit_hint=fit_hint(cfg), mlp_tiles=tiles_for(cfg, seq_len, memory.micro_batch, auto=True))
 
 
 def plan_device(cfg: Config, model_dir: Path, device: Any, seq_len: int, processes: int = 1) -> DevicePlan:
