@@ -110,6 +110,14 @@ def gpu_capacity_bytes() -> int:
     return int(USABLE_SHARE * min(free, allowed))
 
 
+def device_tflops() -> float:
+    """The current GPU's matmul rate for the speed forecast (DEFAULT_TFLOPS for one the table does not know)."""
+    import torch
+
+    known = matmul_tflops(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+    return known or DEFAULT_TFLOPS
+
+
 def triton_supported() -> bool:
     """torch.compile's GPU code generator (Triton) needs compute capability 7.0 or newer (Volta on)."""
     import torch
