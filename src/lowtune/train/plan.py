@@ -171,12 +171,10 @@ def fit_hint(cfg: Config) -> str:
 
 
 def _gpu_plan(cfg: Config, model_dir: Path, seq_len: int, capacity: int) -> DevicePlan:
-    import torch
-
     from lowtune.kernels.attention import register, varlen_available
 
     shape = Shape.from_config(json.loads((model_dir / "config.json").read_text(encoding="utf-8")))
-    memory = memory_plan(cfg, shape, seq_len, capacity, matmul_tflops(torch.cuda.get_device_name()) or DEFAULT_TFLOPS)
+    memory = memory_plan(cfg, shape, seq_len, capacity, device_tflops())
     optimizer = memory.optimizer
     if optimizer.endswith("8bit") or optimizer.startswith("paged"):
         try:
