@@ -169,8 +169,8 @@ def lowtune(name: str, data: str, overrides: list[str], cap: float = 0, seq: int
     path = os.path.join(WORK, f"{name}.json")
     with open(path, "w") as fh:
         json.dump(cfg, fh)
-    prelude = (f"import sys, torch; torch.cuda.set_per_process_memory_fraction({cap} * 2**30 / "
-               "torch.cuda.get_device_properties(0).total_memory); " if cap and not SMALL else "import sys; ")
+    prelude = (f"import sys, torch; torch.cuda.set_per_process_memory_fraction(min(1.0, {cap} * 2**30 / "
+               "torch.cuda.get_device_properties(0).total_memory)); " if cap and not SMALL else "import sys; ")
     if env and "PRELUDE" in env:
         prelude += env.pop("PRELUDE")
     if env and "PROFILE" in env:
@@ -207,10 +207,10 @@ def lowtune(name: str, data: str, overrides: list[str], cap: float = 0, seq: int
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     rows_ = [json.loads(ln) for ln in open(metrics_path)] if os.path.exists(metrics_path) else []
     steps_ = [r for r in rows_ if "loss" in r]
-    if code != 0 or len(steps_) < 2:
+    if code != 0 or len(steps_) < min(2, steps):
         oom = "OutOfMemoryError" in text or "out of memory" in text
         return {"name": f"lowtune {name}", "error": "OOM" if oom else text[-2500:], "plan": plan}
-    timed = steps_[1:]
+    timed = steps_[1:] or steps_  # one step (long rows): its time includes compiling the layers
     tok_s = sum(r["tokens"] for r in timed) / sum(r["step_s"] for r in timed)
     return {"name": f"lowtune {name}", "tok_per_s": round(tok_s, 1), "peak_gib": max(r["peak_mem_gb"] for r in steps_),
             "losses": [r["loss"] for r in steps_], "grad_norms": [r["grad_norm"] for r in steps_], "plan": plan,
@@ -483,10 +483,12 @@ LONGEST_START = {8.0: 8192, 24.0: 32768, 80.0: 131072}
 
 
 def trains(seq: int, cap: float) -> dict:
-    """One attempt of the longest-row search: QLoRA r32, batch 1, one row of `seq` tokens per step, 2 steps."""
+    """One attempt of the longest-row search: QLoRA r32, batch 1, one row of `seq` tokens per step, LONGEST_STEPS
+    steps (default 2, the first untimed; 1 for rows whose step takes minutes)."""
     data = write_text(os.path.join(WORK, f"longest_{seq}.jsonl"), [seq] * 2, vocab=L8_VOCAB)
     overrides = os.environ.get("LONGEST_EXTRA", "").split()
-    run_ = lowtune(f"longest_{int(cap)}_{seq}", data, overrides, cap=cap, seq=seq, steps=2, rows=1,
+    steps = int(os.environ.get("LONGEST_STEPS", 2))
+    run_ = lowtune(f"longest_{int(cap)}_{seq}", data, overrides, cap=cap, seq=seq, steps=steps, rows=1,
                    model_dir=L8_DIR, lora_r=32, timeout=int(os.environ.get("LONGEST_TIMEOUT", 540)))
     ok = "tok_per_s" in run_
     print(f"LONGEST cap={cap:g} seq={seq} {'ok' if ok else 'fail'} "
@@ -523,7 +525,8 @@ def search_longest(cap: float, lo: int, hi: int, tries: int, step: int) -> tuple
 def case_longest(results: list) -> None:
     """Longest Llama-3.1-8B-shape QLoRA row (batch 1) that trains under each cap of LONGEST_CAPS (default 8,24,80
     GiB); LONGEST_LO / LONGEST_HI ("cap:tokens,...") resume a search from known bounds, LONGEST_TRIES attempts per
-    cap (default 6), LONGEST_STEP resolution (default 4096 tokens)."""
+    cap (default 6), LONGEST_STEP resolution (default 4096 tokens), LONGEST_STEPS optimizer steps per attempt,
+    LONGEST_TIMEOUT seconds per attempt, LONGEST_EXTRA train overrides."""
     make_l8_dir()
     caps = [float(c) for c in os.environ.get("LONGEST_CAPS", "8,24,80").split(",")]
     lows = {float(k): int(v) for k, v in (p.split(":") for p in os.environ.get("LONGEST_LO", "").split(",") if p)}
