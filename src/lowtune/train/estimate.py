@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from lowtune.config import Config
 from lowtune.errors import UserError
+from lowtune.models.calibration import load_calibration
 from lowtune.models.memory import (
     GIB,
     MODE_SPEED,
@@ -146,11 +147,13 @@ def estimate(cfg: Config, gpu_memory_gib: float | None, console: Console) -> int
     for column in ("setting", "micro-batch", "optimizer", "peak GiB", "fits"):
         table.add_column(column)
     micro = None if cfg.train.micro_batch == "auto" else cfg.train.micro_batch
+    calibration = load_calibration()  # the rows agree with the plan line below
     for optimizer in (["adamw", "paged_adamw_8bit"] if cfg.train.optimizer == "auto" else [cfg.train.optimizer]):
         for checkpointing, offload in MODE_SPEED:  # each row: the fastest micro-batch of that setting that fits
             row = plan_memory(shape, capacity_bytes=capacity, seq_len=seq, rows_per_step=rows,
                               quantization=cfg.model.quantization, lora_r=lora_r, optimizer=optimizer,
-                              micro_batch=micro, checkpointing=checkpointing, offload=offload)
+                              micro_batch=micro, checkpointing=checkpointing, offload=offload,
+                              calibration=calibration)
             label = "checkpointing + offload" if offload else ("checkpointing" if checkpointing else "none")
             table.add_row(label, str(row.micro_batch), optimizer, f"{row.peak_bytes / GIB:.2f}",
                           "yes" if row.fits else "no")
