@@ -257,7 +257,8 @@ def candidate_plan(shape: Shape, setting: Setting, *, capacity_bytes: int, rows_
     corrected = calibration.correct(shape, setting, peak) if calibration is not None else None
     if corrected is not None:
         peak, margin = corrected
-        allowed, note = int(capacity_bytes / USABLE_SHARE / (1 + margin)), f"calibrated, margin {margin:.0%}"
+        allowed = int(capacity_bytes / USABLE_SHARE / (1 + margin))
+        note = f"calibrated by measured peaks: model forecast {sum(parts.values()) / GIB:.2f} GiB, margin {margin:.0%}"
     speed = forecast_tokens_per_s(shape, seq_len=setting.seq_len, micro_batch=setting.micro_batch,
                                   checkpointing=setting.checkpointing, offload=setting.offload,
                                   full=setting.lora_r is None, tflops=tflops)
