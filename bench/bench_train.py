@@ -449,7 +449,8 @@ def sweep_table(rows: list[dict]) -> str:
     default = next((r for r in done if r.get("grid") == "default"), None)
     if done and default:
         best = max(done, key=lambda r: r["tok_per_s"])
-        lines.append(f"\ndefault plan {default['tok_per_s']:,.0f} tok/s = {default['tok_per_s'] / best['tok_per_s']:.1%}"
+        share = default["tok_per_s"] / best["tok_per_s"]
+        lines.append(f"\ndefault plan {default['tok_per_s']:,.0f} tok/s = {share:.1%}"
                      f" of the fastest ({best.get('grid')}: {best['tok_per_s']:,.0f} tok/s)")
     return "\n".join(lines)
 

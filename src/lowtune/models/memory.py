@@ -4,9 +4,9 @@ Layer 1: pure arithmetic on config.json values, no weights loaded. Training asks
 micro-batch / checkpointing / offloading / optimizer-state choice that fits the device, ranked by a forecast of
 tokens/s (`forecast_tokens_per_s`: fixed cost per micro-batch + matmul FLOPs at an assumed MFU, recomputation and
 host copies priced); measured peaks (models/calibration.py) correct the memory forecast and narrow its safety
-margin where it proved accurate. `lowtune estimate` prints the same numbers. Activation sizes are calibrated on a Llama-2-7B-shaped model on an H200 (bench/RESULTS.md):
-with fused RMSNorm/SwiGLU/RoPE and fused linear cross-entropy, one decoder layer keeps about
-2 x (16 d + 6 ff) bytes per token for backward.
+margin where it proved accurate. `lowtune estimate` prints the same numbers. Activation sizes are calibrated on a
+Llama-2-7B-shaped model on an H200 (bench/RESULTS.md): with fused RMSNorm/SwiGLU/RoPE and fused linear
+cross-entropy, one decoder layer keeps about 2 x (16 d + 6 ff) bytes per token for backward.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ is decided here, once, before the model loads (the loss path is confirmed once t
 Layer 2 (train). On a GPU every candidate (micro-batch x checkpointing x offload x optimizer states) is ranked by
 forecast tokens/s (models/memory.py: fixed cost per micro-batch + FLOPs at an assumed MFU, recomputation and host
 copies priced) and the fastest whose forecast peak fits is taken; measured peaks (models/calibration.py) correct
-the forecast and narrow the safety margin where it proved accurate. 8-bit optimizer states only when they buy speed. The optimizer always sees batch_size x grad_accum rows
-per step, so the choice changes speed and memory, never the maths (the loss is token-normalised per step).
-On CPU the config is taken as written, with `auto` meaning off.
+the forecast and narrow the safety margin where it proved accurate. 8-bit optimizer states only when they buy
+speed. The optimizer always sees batch_size x grad_accum rows per step, so the choice changes speed and memory,
+never the maths (the loss is token-normalised per step). On CPU the config is taken as written, with `auto` meaning off.
 """
 
 from __future__ import annotations
