@@ -7,7 +7,7 @@ forecast tokens/s (models/memory.py: fixed cost per micro-batch + FLOPs at an as
 copies priced) and the fastest whose forecast peak fits is taken; measured peaks (models/calibration.py) correct
 the forecast and narrow the safety margin where it proved accurate. 8-bit optimizer states only when they buy
 speed. The optimizer always sees batch_size x grad_accum rows per step, so the choice changes speed and memory,
-never the maths (the loss is token-normalised per step). On CPU the config is taken as written, with `auto` meaning off.
+never the maths (the loss is token-normalised per step). On CPU the config is taken as written, `auto` meaning off.
 """
 
 from __future__ import annotations
