@@ -15,6 +15,15 @@ Liger kernels inside compiled layers), g (50-step loss-curve guard against the b
 m (scaling over NPROC GPUs against one: QLoRA with DDP, bf16 LoRA with FSDP; needs NPROC GPUs).
 The baseline runs twice: as users run it (batch 1, checkpointing on) and tuned to the micro-batch and
 checkpointing lowtune's device plan picked.
+
+Issue 18 (L8_DIR, default /dev/shm/llama31_8b_random: Llama-3.1-8B shape, 128,256 vocabulary, GQA 8 KV heads):
+  l8a  QLoRA r64 at 2048, whole GPU     l8b  the same under an 8 GiB cap (HF also capped and uncapped)
+  l8c  bf16 LoRA at 2048, whole GPU     l8d  bf16 LoRA under 8 GiB (records why it cannot fit)
+  sweep      default plan vs a micro-batch x checkpointing x offload grid (SWEEP_GRID, SWEEP_MODEL=l8, SWEEP_CAP,
+             CARD names the card in the measured-peak records it writes); markdown table
+  longest    longest QLoRA r32 batch-1 row under caps of 8/24/80 GiB (LONGEST_CAPS, _LO, _HI, _TRIES, _STEP)
+  tilecheck  first-step loss of one long row with and without the tiled MLP (TILE_SEQ)
+  table F.json ...  the tables of saved rows (several calls)
 """
 
 import json
@@ -43,35 +52,63 @@ def flops_per_token(seq: int) -> float:
     return 4 * N_PARAMS + 4 * 32 * 4096 * seq / 2 * 2
 
 
-def make_model_dir() -> None:
-    if os.path.exists(os.path.join(MODEL_DIR, "tokenizer.json")):
+def model_flops_per_token(model_dir: str, seq: int) -> float:
+    """lowtune's own count (models/memory.Shape.flops_per_token: 4N with the head + causal attention) for the model
+    in `model_dir`; the Llama-2-7B shape keeps the issue's convention (flops_per_token) so rounds compare."""
+    if model_dir == MODEL_DIR:
+        return flops_per_token(seq)
+    sys.path.insert(0, os.path.join(ROOT, "src"))
+    from lowtune.models.memory import Shape
+
+    with open(os.path.join(model_dir, "config.json")) as fh:
+        return Shape.from_config(json.load(fh)).flops_per_token(seq)
+
+
+L8_DIR = os.environ.get("L8_DIR", "/tmp/lowtune_bench_small_l8" if SMALL else "/dev/shm/llama31_8b_random")
+L8_VOCAB = 640 if SMALL else 128256
+L8_SHAPE = dict(hidden_size=64, intermediate_size=224, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2) if SMALL else \
+    dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+         num_key_value_heads=8, rope_theta=500000.0)
+"""Llama-3.1-8B's published shape: 128,256 vocabulary, GQA with 8 KV heads, untied head (random weights)."""
+
+
+def make_model_dir(model_dir: str = MODEL_DIR, vocab_size: int = VOCAB, shape: dict | None = None) -> None:
+    if os.path.exists(os.path.join(model_dir, "tokenizer.json")):
         return
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    shape = dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4) if SMALL else \
-        dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32)
-    cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=32768, rms_norm_eps=1e-5, bos_token_id=None,
-                      eos_token_id=2, pad_token_id=0, **shape)
+    shape = shape or (dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4)
+                      if SMALL else dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                         num_attention_heads=32))
+    cfg = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=1 << 20, rms_norm_eps=1e-5,
+                      bos_token_id=None, eos_token_id=2, pad_token_id=0, **shape)
     device = "cpu" if SMALL else "cuda"
     torch.set_default_dtype(torch.float32 if SMALL else torch.bfloat16)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
-    model.save_pretrained(MODEL_DIR, max_shard_size="20GB")
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    model.save_pretrained(model_dir, max_shard_size="20GB")
+    torch.set_default_dtype(torch.float32)
+    del model
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", pad_token="<unk>")
-    fast.save_pretrained(MODEL_DIR)
+    fast.save_pretrained(model_dir)
 
 
-def write_text(path: str, lengths: list[int]) -> str:
+def make_l8_dir() -> None:
+    make_model_dir(L8_DIR, L8_VOCAB, L8_SHAPE)
+
+
+def write_text(path: str, lengths: list[int], vocab: int = VOCAB) -> str:
     """Pretraining text records of exactly these token counts (one word = one token, EOS appended by lowtune)."""
     rng = random.Random(len(lengths))
     with open(path, "w", encoding="utf-8") as out:
         for n in lengths:
-            out.write(json.dumps({"text": " ".join(f"w{rng.randrange(3, VOCAB)}" for _ in range(n - 1))}) + "\n")
+            out.write(json.dumps({"text": " ".join(f"w{rng.randrange(3, vocab)}" for _ in range(n - 1))}) + "\n")
     return path
 
 
@@ -93,10 +130,10 @@ def run(cmd: list[str], env: dict, timeout: int = 420) -> tuple[int, str]:
 
 
 def baseline(variant: str, bs: int, gc: bool, cap: float = 0, lengths: str | None = None, seq: int = SEQ,
-             row: str | None = None, steps: int = 6, warmup: int = 2) -> dict:
+             row: str | None = None, steps: int = 6, warmup: int = 2, model_dir: str = MODEL_DIR) -> dict:
     if SMALL:
         return {"name": f"HF {variant}", "error": "skipped (SMALL=1 checks lowtune's side only)"}
-    env = {"MODEL_DIR": MODEL_DIR, "BS": str(bs), "GC": "1" if gc else "0", "SEQ": str(seq), "STEPS": str(steps),
+    env = {"MODEL_DIR": model_dir, "BS": str(bs), "GC": "1" if gc else "0", "SEQ": str(seq), "STEPS": str(steps),
            "WARMUP": str(warmup)}
     if row:
         env["ROW"] = row
@@ -111,18 +148,20 @@ def baseline(variant: str, bs: int, gc: bool, cap: float = 0, lengths: str | Non
         oom = "OutOfMemoryError" in text or "out of memory" in text
         return {"name": name, "error": "OOM" if oom else text[-1500:]}
     result = json.loads(lines[-1][7:])
-    result["name"] = name
+    result["name"] = name + (f" cap {cap:g} GiB" if cap else "")
+    result.update(seq=seq, flops_tok=model_flops_per_token(model_dir, seq))
     return result
 
 
 def lowtune(name: str, data: str, overrides: list[str], cap: float = 0, seq: int = SEQ, steps: int = STEPS,
-            rows: int = 16, batch: int = 1, env: dict | None = None) -> dict:
+            rows: int = 16, batch: int = 1, env: dict | None = None, model_dir: str = MODEL_DIR, lora_r: int = 64,
+            timeout: int = 480) -> dict:
     out_dir = os.path.join(WORK, "runs", name)
     shutil.rmtree(out_dir, ignore_errors=True)
     cfg = {
-        "model": {"path": MODEL_DIR, "template": "default", "quantization": "nf4"},
+        "model": {"path": model_dir, "template": "default", "quantization": "nf4"},
         "data": {"train": [data], "format": "text", "max_length": seq, "packing": True},
-        "lora": {"r": 64, "alpha": 16, "dropout": 0.1, "targets": "all-linear"},
+        "lora": {"r": lora_r, "alpha": 16, "dropout": 0.1, "targets": "all-linear"},
         "train": {"epochs": 1, "max_steps": steps, "batch_size": batch, "grad_accum": rows // batch, "lr": 2e-4,
                   "save_every": 10**6, "save_limit": 1, "log_every": 1},
         "eval": {"prompts": []}, "log": {"to": []}, "output": {"dir": out_dir},
@@ -130,8 +169,8 @@ def lowtune(name: str, data: str, overrides: list[str], cap: float = 0, seq: int
     path = os.path.join(WORK, f"{name}.json")
     with open(path, "w") as fh:
         json.dump(cfg, fh)
-    prelude = (f"import sys, torch; torch.cuda.set_per_process_memory_fraction({cap} * 2**30 / "
-               "torch.cuda.get_device_properties(0).total_memory); " if cap and not SMALL else "import sys; ")
+    prelude = (f"import sys, torch; torch.cuda.set_per_process_memory_fraction(min(1.0, {cap} * 2**30 / "
+               "torch.cuda.get_device_properties(0).total_memory)); " if cap and not SMALL else "import sys; ")
     if env and "PRELUDE" in env:
         prelude += env.pop("PRELUDE")
     if env and "PROFILE" in env:
@@ -146,7 +185,7 @@ def lowtune(name: str, data: str, overrides: list[str], cap: float = 0, seq: int
         code_text = ("import torch; " + code_text) if "import torch" not in code_text else code_text
     spy = [env.pop("SPY"), "record", "--format", "raw", "-r", "50", "-o",
            os.path.join(os.environ.get("OUT", WORK), f"{name}.spy"), "--"] if "SPY" in env else []
-    code, text = run([*spy, sys.executable, "-c", code_text], env, timeout=480)
+    code, text = run([*spy, sys.executable, "-c", code_text], env, timeout=timeout)
     breaks: dict[str, int] = {}
     for line in text.splitlines():
         if line.startswith(("PROFILE", "ALLOCATOR")):
@@ -157,19 +196,25 @@ def lowtune(name: str, data: str, overrides: list[str], cap: float = 0, seq: int
         print(f"  BREAK {count}x {line}", flush=True)
     if code != 0 and "train.compile=false" not in overrides and "OutOfMemoryError" not in text:
         print(f"  lowtune {name} failed ({text.strip().splitlines()[-1][:200]}); again without torch.compile")
-        return lowtune(name, data, [*overrides, "train.compile=false"], cap, seq, steps, rows, batch, env)
-    plan = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("device plan:")), "")
+        return lowtune(name, data, [*overrides, "train.compile=false"], cap, seq, steps, rows, batch, env,
+                       model_dir, lora_r, timeout)
+    lines = text.splitlines()
+    at = next((i for i, ln in enumerate(lines) if ln.strip().startswith("device plan:")), None)
+    plan = ""
+    if at is not None:  # the plan line and its indented continuation lines (forecast peak, tokens/s)
+        more = [ln.strip() for ln in lines[at + 1:at + 3] if ln.startswith("      ")]
+        plan = " ".join([lines[at].strip(), *more])
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
     rows_ = [json.loads(ln) for ln in open(metrics_path)] if os.path.exists(metrics_path) else []
     steps_ = [r for r in rows_ if "loss" in r]
-    if code != 0 or len(steps_) < 2:
+    if code != 0 or len(steps_) < min(2, steps):
         oom = "OutOfMemoryError" in text or "out of memory" in text
         return {"name": f"lowtune {name}", "error": "OOM" if oom else text[-2500:], "plan": plan}
-    timed = steps_[1:]
+    timed = steps_[1:] or steps_  # one step (long rows): its time includes compiling the layers
     tok_s = sum(r["tokens"] for r in timed) / sum(r["step_s"] for r in timed)
     return {"name": f"lowtune {name}", "tok_per_s": round(tok_s, 1), "peak_gib": max(r["peak_mem_gb"] for r in steps_),
             "losses": [r["loss"] for r in steps_], "grad_norms": [r["grad_norm"] for r in steps_], "plan": plan,
-            "seq": seq}
+            "seq": seq, "flops_tok": model_flops_per_token(model_dir, seq)}
 
 
 def plan_numbers(plan: str) -> tuple[int, bool]:
@@ -308,9 +353,214 @@ def case_g(results: list) -> None:
               f"lowtune {mine['losses'][::10]} "
               f"HF {theirs['losses'][::10]}; grad norms > 0: {min(mine['grad_norms']) > 0}", flush=True)
 
+# ---- issue 18: Llama-3.1-8B shape, the plan sweep, the longest row --------------------------------------------
+
+L8_ROWS = os.path.join(WORK, "l8_rows.jsonl")
+
+
+def l8_rows() -> str:
+    make_l8_dir()
+    return write_text(L8_ROWS, [SEQ] * (16 * STEPS), vocab=L8_VOCAB)
+
+
+def l8_pair(case: str, results: list, quant: str, cap: float) -> None:
+    """One Llama-3.1-8B row set: HF as users run it (batch 1, checkpointing; uncapped, and capped when a cap is
+    given), lowtune, and HF tuned to lowtune's micro-batch and checkpointing."""
+    data = l8_rows()
+    variant, bf16 = ("qlora", []) if quant == "nf4" else ("lora", ["model.quantization=none"])
+    results.append(dict(case=case, **baseline(variant, 1, True, model_dir=L8_DIR)))
+    if cap:
+        results.append(dict(case=case, **baseline(variant, 1, True, cap=cap, model_dir=L8_DIR)))
+    mine = lowtune(f"{case}_{variant}", data, bf16, cap=cap, model_dir=L8_DIR, steps=3 if cap else STEPS)
+    results.append(dict(case=case, **mine))
+    if not cap and "tok_per_s" in mine:
+        micro, ckpt = plan_numbers(mine.get("plan", ""))
+        tuned = "lora_liger" if quant == "none" else "qlora"
+        results.append(dict(case=case, **baseline(tuned, micro, ckpt, model_dir=L8_DIR)))
+
+
+def case_l8a(results: list) -> None:
+    """Llama-3.1-8B shape, QLoRA r64 at 2048, whole GPU."""
+    l8_pair("l8a", results, "nf4", 0)
+
+
+def case_l8b(results: list) -> None:
+    """Llama-3.1-8B shape, QLoRA r64 at 2048, under an 8 GiB cap."""
+    l8_pair("l8b", results, "nf4", CAP)
+
+
+def case_l8c(results: list) -> None:
+    """Llama-3.1-8B shape, bf16 LoRA r64 at 2048, whole GPU."""
+    l8_pair("l8c", results, "none", 0)
+
+
+def case_l8d(results: list) -> None:
+    """bf16 LoRA of the 8B shape under an 8 GiB cap: its bf16 weights alone exceed the cap, so the row records the
+    forecast instead of loading 15 GiB to fail."""
+    make_l8_dir()
+    sys.path.insert(0, os.path.join(ROOT, "src"))
+    from lowtune.models.memory import GIB, Shape, weight_bytes
+
+    with open(os.path.join(L8_DIR, "config.json")) as fh:
+        weights = weight_bytes(Shape.from_config(json.load(fh)), "none") / GIB
+    row = {"name": "lowtune l8d_lora_8gib", "error": f"cannot fit: bf16 weights alone {weights:.1f} GiB > {CAP:g}"}
+    results.append(dict(case="l8d", **row))
+    print(row["error"], flush=True)
+
+
+SWEEP_GRID = "2:none,4:none,8:none,4:ckpt,8:ckpt,16:ckpt,8:offload,16:offload"
+MODES = {"none": (False, False), "ckpt": (True, False), "offload": (True, True)}
+
+
+def sweep_overrides(micro: int, mode: str) -> list[str]:
+    ckpt, off = MODES[mode]
+    return [f"train.micro_batch={micro}", f"train.gradient_checkpointing={str(ckpt).lower()}",
+            f"train.offload_activations={str(off).lower()}"]
+
+
+def case_sweep(results: list) -> None:
+    """The default plan against a grid of micro-batch x checkpointing x offload (SWEEP_GRID="micro:mode,...", modes
+    none/ckpt/offload; SWEEP_MODEL=l8 for the Llama-3.1-8B shape, SWEEP_CAP=GiB for a cap), 7B QLoRA at 2048, all
+    in one call; prints a markdown table and writes the measured peaks as calibration records."""
+    l8 = os.environ.get("SWEEP_MODEL") == "l8"
+    cap = float(os.environ.get("SWEEP_CAP", 0))
+    model_dir = L8_DIR if l8 else MODEL_DIR
+    data = l8_rows() if l8 else write_text(os.path.join(WORK, "rows.jsonl"), [SEQ] * (16 * STEPS))
+    rows = [dict(case="sweep", grid="default", **lowtune("sweep_default", data, [], cap=cap, model_dir=model_dir))]
+    results.append(rows[0])
+    for item in os.environ.get("SWEEP_GRID", SWEEP_GRID).split(","):
+        micro, mode = item.split(":")
+        run_ = lowtune(f"sweep_{micro}_{mode}", data, sweep_overrides(int(micro), mode), cap=cap,
+                       model_dir=model_dir, steps=3)
+        rows.append(dict(case="sweep", grid=item, **run_))
+        results.append(rows[-1])
+    print(sweep_table(rows), flush=True)
+    write_peaks(rows, model_dir)
+
+
+def sweep_table(rows: list[dict]) -> str:
+    """Markdown: every sweep row, then the default plan's tokens/s as a share of the fastest row's."""
+    lines = ["| run | plan | tok/s | peak GiB |", "|---|---|---:|---:|"]
+    for r in rows:
+        speed = f"{r['tok_per_s']:,.0f}" if "tok_per_s" in r else r.get("error", "")[:40].replace("\n", " ")
+        peak = f"{r['peak_gib']:.2f}" if "peak_gib" in r else ""
+        lines.append(f"| {r.get('grid', '')} | {r.get('plan', '')[:140]} | {speed} | {peak} |")
+    done = [r for r in rows if "tok_per_s" in r]
+    default = next((r for r in done if r.get("grid") == "default"), None)
+    if done and default:
+        best = max(done, key=lambda r: r["tok_per_s"])
+        share = default["tok_per_s"] / best["tok_per_s"]
+        lines.append(f"\ndefault plan {default['tok_per_s']:,.0f} tok/s = {share:.1%}"
+                     f" of the fastest ({best.get('grid')}: {best['tok_per_s']:,.0f} tok/s)")
+    return "\n".join(lines)
+
+
+def write_peaks(rows: list[dict], model_dir: str) -> None:
+    """Measured peaks of the sweep in models/measured_peaks.json's format (to review and append there)."""
+    out = os.environ.get("OUT", WORK)
+    with open(os.path.join(model_dir, "config.json")) as fh:
+        config = json.load(fh)
+    sys.path.insert(0, os.path.join(ROOT, "src"))
+    from dataclasses import asdict
+
+    from lowtune.models.memory import Shape
+
+    card = os.environ.get("CARD", "")
+    records = []
+    for r in rows:
+        match = re.search(r"micro-batch (\d+) x accumulation \d+, ([^,]+), optimizer (\w+)", r.get("plan", ""))
+        if "peak_gib" not in r or not match:
+            continue
+        mode = match.group(2)
+        records.append({"shape": asdict(Shape.from_config(config)), "quantization": "nf4", "lora_r": 64,
+                        "optimizer": match.group(3), "micro_batch": int(match.group(1)), "seq_len": r["seq"],
+                        "checkpointing": mode != "no checkpointing", "offload": "offload" in mode,
+                        "peak_gib": r["peak_gib"], "card": card, "source": f"bench_train.py sweep {r.get('grid')}"})
+    with open(os.path.join(out, f"measured_peaks_{int(time.time())}.json"), "w") as fh:
+        json.dump(records, fh, indent=1)
+
+
+LONGEST_START = {8.0: 8192, 24.0: 32768, 80.0: 131072}
+
+
+def trains(seq: int, cap: float) -> dict:
+    """One attempt of the longest-row search: QLoRA r32, batch 1, one row of `seq` tokens per step, LONGEST_STEPS
+    steps (default 2, the first untimed; 1 for rows whose step takes minutes)."""
+    data = write_text(os.path.join(WORK, f"longest_{seq}.jsonl"), [seq] * 2, vocab=L8_VOCAB)
+    overrides = os.environ.get("LONGEST_EXTRA", "").split()
+    steps = int(os.environ.get("LONGEST_STEPS", 2))
+    run_ = lowtune(f"longest_{int(cap)}_{seq}", data, overrides, cap=cap, seq=seq, steps=steps, rows=1,
+                   model_dir=L8_DIR, lora_r=32, timeout=int(os.environ.get("LONGEST_TIMEOUT", 540)))
+    ok = "tok_per_s" in run_
+    print(f"LONGEST cap={cap:g} seq={seq} {'ok' if ok else 'fail'} "
+          f"{run_.get('tok_per_s', '')} tok/s peak {run_.get('peak_gib', '')} {run_.get('error', '')[:80]!r}",
+          flush=True)
+    return run_
+
+
+def search_longest(cap: float, lo: int, hi: int, tries: int, step: int) -> tuple[int, dict | None]:
+    """Doubling from `lo` until a length fails (or `hi`, a known failure, is reached), then bisection to `step`
+    tokens; at most `tries` attempts. Returns (longest length that trained, its run)."""
+    best, best_run, seq = 0, None, lo
+    while tries and (not hi or seq < hi):
+        tries -= 1
+        run_ = trains(seq, cap)
+        if "tok_per_s" not in run_:
+            hi = seq
+            break
+        best, best_run, seq = seq, run_, seq * 2
+    lo_ok = best
+    while tries and hi and hi - lo_ok > step:
+        tries -= 1
+        mid = (lo_ok + hi) // 2 // step * step
+        if mid <= lo_ok:
+            break
+        run_ = trains(mid, cap)
+        if "tok_per_s" in run_:
+            lo_ok, best, best_run = mid, mid, run_
+        else:
+            hi = mid
+    return best, best_run
+
+
+def case_longest(results: list) -> None:
+    """Longest Llama-3.1-8B-shape QLoRA row (batch 1) that trains under each cap of LONGEST_CAPS (default 8,24,80
+    GiB); LONGEST_LO / LONGEST_HI ("cap:tokens,...") resume a search from known bounds, LONGEST_TRIES attempts per
+    cap (default 6), LONGEST_STEP resolution (default 4096 tokens), LONGEST_STEPS optimizer steps per attempt,
+    LONGEST_TIMEOUT seconds per attempt, LONGEST_EXTRA train overrides."""
+    make_l8_dir()
+    caps = [float(c) for c in os.environ.get("LONGEST_CAPS", "8,24,80").split(",")]
+    lows = {float(k): int(v) for k, v in (p.split(":") for p in os.environ.get("LONGEST_LO", "").split(",") if p)}
+    highs = {float(k): int(v) for k, v in (p.split(":") for p in os.environ.get("LONGEST_HI", "").split(",") if p)}
+    for cap in caps:
+        start = lows.get(cap, LONGEST_START.get(cap, 8192) if not SMALL else 256)
+        best, run_ = search_longest(cap, start, highs.get(cap, 0), int(os.environ.get("LONGEST_TRIES", 6)),
+                                    int(os.environ.get("LONGEST_STEP", 4096)))
+        row = dict(case="longest", cap=cap, longest=best, **(run_ or {"name": f"longest {cap:g} GiB",
+                                                                         "error": f"nothing from {start} trained"}))
+        results.append(row)
+        print(f"LONGEST RESULT cap={cap:g} GiB: {best} tokens, {row.get('tok_per_s', '-')} tok/s, "
+              f"peak {row.get('peak_gib', '-')} GiB", flush=True)
+
+
+def case_tilecheck(results: list) -> None:
+    """Loss of one long row (TILE_SEQ, default 32768 tokens) with the tiled MLP and without it, LoRA dropout 0 so
+    both see the same numbers; first-step losses must agree within 0.2% (bf16 matmuls summed in other orders)."""
+    make_l8_dir()
+    seq = int(os.environ.get("TILE_SEQ", 1024 if SMALL else 32768))
+    data = write_text(os.path.join(WORK, f"tile_{seq}.jsonl"), [seq] * 2, vocab=L8_VOCAB)
+    runs = [lowtune(f"tile_{flag}", data, ["lora.dropout=0", f"train.tiled_mlp={flag}"], seq=seq, steps=2, rows=1,
+                    model_dir=L8_DIR, lora_r=32) for flag in ("true", "false")]
+    results += [dict(case="tilecheck", **r) for r in runs]
+    if all("losses" in r for r in runs):
+        a, b = runs[0]["losses"][0], runs[1]["losses"][0]
+        print(f"TILECHECK seq {seq}: tiled {a} untiled {b} relative gap {abs(a - b) / abs(b):.2e} "
+              f"({'within' if abs(a - b) <= 2e-3 * abs(b) else 'OUTSIDE'} 0.2%)", flush=True)
+
 
 CASES = {"a": case_a, "b": case_b, "c": case_c, "d": case_d, "e": case_e, "b*": case_b_variants, "g": case_g,
-         "p": case_p, "q": case_q, "r": case_r, "m": case_m}
+         "p": case_p, "q": case_q, "r": case_r, "m": case_m, "l8a": case_l8a, "l8b": case_l8b, "l8c": case_l8c,
+         "l8d": case_l8d, "sweep": case_sweep, "longest": case_longest, "tilecheck": case_tilecheck}
 
 
 def table(results: list) -> str:
@@ -319,7 +569,7 @@ def table(results: list) -> str:
         if "error" in r:
             lines.append(f"{r['case']:<4} {r['name']:<34} {'-':>8} {'-':>6} {'-':>9}  {r['error'][:60]!r}")
             continue
-        mfu = r["tok_per_s"] * flops_per_token(r.get("seq", SEQ)) / 790e12
+        mfu = r["tok_per_s"] * r.get("flops_tok", flops_per_token(r.get("seq", SEQ))) / 790e12
         notes = f"loss {r['losses'][0]}->{r['losses'][-1]}, grad norm {r['grad_norms'][-1]}"
         lines.append(f"{r['case']:<4} {r['name']:<34} {r['tok_per_s']:>8.0f} {100 * mfu:>5.1f}% "
                      f"{r['peak_gib']:>9.2f}  {notes}")
@@ -328,24 +578,45 @@ def table(results: list) -> str:
     return "\n".join(lines)
 
 
+L8_CASES = {"l8a", "l8b", "l8c", "l8d", "longest", "tilecheck"}
+
+
+def save(results: list, stamp: int) -> None:
+    """All rows so far into $OUT (after every case, so a call cut short keeps what it measured)."""
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, f"bench_{stamp}.json"), "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+def show(paths: list[str]) -> None:
+    """`bench_train.py table FILE.json ...`: the table (and sweep table) of saved rows, e.g. of two calls."""
+    rows = [row for path in paths for row in json.load(open(path))]
+    print(table(rows))
+    sweep = [r for r in rows if r["case"] == "sweep"]
+    if sweep:
+        print(sweep_table(sweep))
+
+
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "table":
+        return show(sys.argv[2:])
     os.makedirs(WORK, exist_ok=True)
     import torch
     import transformers
     print(f"{time.strftime('%Y-%m-%d %H:%M')} torch {torch.__version__} transformers {transformers.__version__} "
           f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}", flush=True)
-    started = time.time()
-    make_model_dir()
+    cases = (sys.argv[1] if len(sys.argv) > 1 else "a,b,c,d,e").split(",")
+    started, stamp = time.time(), int(time.time())
+    if not set(cases) <= L8_CASES and not (cases == ["sweep"] and os.environ.get("SWEEP_MODEL") == "l8"):
+        make_model_dir()
     print(f"model ready in {time.time() - started:.0f}s", flush=True)
     results: list = []
-    for case in (sys.argv[1] if len(sys.argv) > 1 else "a,b,c,d,e").split(","):
+    for case in cases:
         print(f"case {case}", flush=True)
         CASES[case](results)
         print(table([r for r in results if r["case"] == case]), flush=True)
-    out = os.environ.get("OUT")
-    if out:
-        with open(os.path.join(out, f"bench_{int(time.time())}.json"), "w") as fh:
-            json.dump(results, fh, indent=1)
+        save(results, stamp)
     print(table(results))
 
 

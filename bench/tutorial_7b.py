@@ -10,11 +10,13 @@ recipe, under an 8 GiB memory cap, exactly as a user types it:
                                              # (lowtune data convert + data split of the tutorial's workbook)
 env: WORK (default /dev/shm/lowtune_tutorial), STEPS (default 4), CAP_GIB (default 8), SMALL=1 (a 2-layer model of
 the same layout on CPU, no cap: checks the plumbing), EXTRA (more train overrides, space-separated).
-Prints the forecast, the device plan, the conversion time, tokens/s per step and the measured peak.
+Prints the forecast, the device plan, the conversion time, tokens/s per step and the measured peak beside the
+plan's forecast peak (JSON, last line).
 """
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,11 +73,13 @@ def main() -> None:
         print(text[-6000:] if code or args[0] != "copy" else "", flush=True)
         if code:
             sys.exit(code)
+    forecast = re.search(r"forecast peak ([\d.]+) GiB", text)  # the train run's plan line
     metrics = [json.loads(line) for line in open(WORK / "runs" / "medqa" / "metrics.jsonl")]
     steps = [row for row in metrics if "loss" in row]
     timed = steps[1:]
     print(json.dumps({"tok_per_s": sum(r["tokens"] for r in timed) / sum(r["step_s"] for r in timed),
-                      "peak_gib": max(r["peak_mem_gb"] for r in steps), "losses": [r["loss"] for r in steps],
+                      "peak_gib": max(r["peak_mem_gb"] for r in steps),
+                      "forecast_gib": float(forecast.group(1)) if forecast else None, "losses": [r["loss"] for r in steps],
                       "grad_norms": [r["grad_norm"] for r in steps]}), flush=True)
 
 

@@ -94,6 +94,9 @@ class TrainSection(_Section):
     """Keep checkpointed layer inputs in CPU memory; auto: only when they would not fit the GPU."""
     compile: bool | Literal["auto"] = "auto"
     """torch.compile each decoder layer; auto: on CUDA."""
+    tiled_mlp: bool | Literal["auto"] = "auto"
+    """Run each layer's MLP over the sequence in tiles, recomputed in backward (long rows); auto: on a GPU, when a
+    micro-batch holds more than 16,384 tokens."""
     save_every: int = Field(500, gt=0)
     save_limit: int = Field(2, gt=0)
     log_every: int = Field(10, gt=0)

@@ -13,17 +13,23 @@ from typing import TYPE_CHECKING
 
 from lowtune.config import Config
 from lowtune.errors import UserError
-from lowtune.models.memory import GIB, MODE_SPEED, MemoryPlan, Shape, known_shape, plan_memory, speed_score
-from lowtune.models.resolve import (LOCAL_FOLDER, check_not_mistyped, is_hub_id, missing_folder_error,
-                                    resolve_model_dir)
+from lowtune.models.calibration import load_calibration
+from lowtune.models.memory import (
+    GIB,
+    MODE_SPEED,
+    MemoryPlan,
+    Shape,
+    known_shape,
+    matmul_tflops,
+    plan_memory,
+    speed_score,
+)
+from lowtune.models.resolve import LOCAL_FOLDER, check_not_mistyped, is_hub_id, missing_folder_error, resolve_model_dir
 from lowtune.train.plan import USABLE_SHARE, fit_hint, gpu_capacity_bytes, memory_plan, rows_per_step
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-# Dense bf16 (fp16 where bf16 is missing) TFLOP/s that a large matmul reaches, by GPU name fragment.
-MATMUL_TFLOPS = {"H200": 790, "H100": 750, "A100": 280, "L40": 300, "A10": 110, "4090": 150, "3090": 65,
-                 "4080": 100, "3080": 55, "4070": 60, "3060": 25, "T4": 45, "V100": 90, "A6000": 140}
 # Share of that rate a training step reached, by (checkpointing, offload), at MFU_TOKENS per micro-batch; measured on
 # an H200 (bench/RESULTS.md: 54.5% without checkpointing at 4 x 2048 tokens, 28.7% with checkpointing + offload at
 # 2 x 2048; checkpointing alone was within 2% of offloading, so it is put just above). Other micro-batch sizes are
@@ -103,7 +109,7 @@ def _gpu() -> tuple[str, int] | None:
 
 
 def _tflops(name: str) -> float | None:
-    return next((v for k, v in MATMUL_TFLOPS.items() if k in name), None)
+    return matmul_tflops(name)
 
 
 def _data_tokens(cfg: Config, model_dir: Path) -> int | None:
@@ -141,11 +147,13 @@ def estimate(cfg: Config, gpu_memory_gib: float | None, console: Console) -> int
     for column in ("setting", "micro-batch", "optimizer", "peak GiB", "fits"):
         table.add_column(column)
     micro = None if cfg.train.micro_batch == "auto" else cfg.train.micro_batch
+    calibration = load_calibration()  # the rows agree with the plan line below
     for optimizer in (["adamw", "paged_adamw_8bit"] if cfg.train.optimizer == "auto" else [cfg.train.optimizer]):
         for checkpointing, offload in MODE_SPEED:  # each row: the fastest micro-batch of that setting that fits
             row = plan_memory(shape, capacity_bytes=capacity, seq_len=seq, rows_per_step=rows,
                               quantization=cfg.model.quantization, lora_r=lora_r, optimizer=optimizer,
-                              micro_batch=micro, checkpointing=checkpointing, offload=offload)
+                              micro_batch=micro, checkpointing=checkpointing, offload=offload,
+                              calibration=calibration)
             label = "checkpointing + offload" if offload else ("checkpointing" if checkpointing else "none")
             table.add_row(label, str(row.micro_batch), optimizer, f"{row.peak_bytes / GIB:.2f}",
                           "yes" if row.fits else "no")

@@ -33,16 +33,32 @@ from lowtune.data.preference import build_pair_dataset, pair_count
 from lowtune.errors import UserError, require
 from lowtune.kernels import causal_lm_loss_sum, compile_layers, enable_fast_path
 from lowtune.kernels.preference import PreferenceSettings
-from lowtune.models.load import (apply_lora, compute_dtype, count_parameters,
-                                 count_parameters_without_weights, default_device, load_model, load_tokenizer)
+from lowtune.kernels.tiled import tile_mlps
+from lowtune.models.load import (
+    apply_lora,
+    compute_dtype,
+    count_parameters,
+    count_parameters_without_weights,
+    default_device,
+    load_model,
+    load_tokenizer,
+)
 from lowtune.models.placement import keep_input_embeddings_on_host
 from lowtune.models.resolve import resolve_model_dir
 from lowtune.runs import RunFolder, atomic_write_text
 from lowtune.templates import ChatTemplate, resolve_template, shipped
 from lowtune.train.batches import StepPlan
 from lowtune.train.checkpoint import find_resume, install_weight_hooks, load_checkpoint, save_checkpoint
-from lowtune.train.observe import (ProgressBar, Recorder, Throughput, check_trackers, format_eta,
-                                   peak_memory_gb, truncate_jsonl, write_samples)
+from lowtune.train.observe import (
+    ProgressBar,
+    Recorder,
+    Throughput,
+    check_trackers,
+    format_eta,
+    peak_memory_gb,
+    truncate_jsonl,
+    write_samples,
+)
 from lowtune.train.optim import build_optimizer, build_scheduler, check_optimizer
 from lowtune.train.outputs import export_weights, library_versions, write_run_header
 from lowtune.train.plan import DevicePlan, check_micro_batch, plan_device
@@ -275,6 +291,7 @@ def build_model(cfg: Config, model_dir: Path, accelerator: Accelerator, plan: De
     if not plan.compile:  # compiled layers fuse norms, SwiGLU and RoPE themselves; Liger's calls split the graphs
         enable_fast_path(model)
     model = apply_lora(model, cfg.lora, plan.checkpointing)
+    tile_mlps(model, plan.mlp_tiles)
     if plan.compile:
         compile_layers(model)
     return model
