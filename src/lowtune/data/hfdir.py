@@ -54,7 +54,7 @@ def dataset_folder_records(path: Path) -> Iterator[tuple[str, Any]]:
         dataset, split = _load(datasets, path)
     except UserError:
         raise
-    except Exception as exc:  # noqa: BLE001 - pyarrow/datasets raise many types for a damaged file; all mean the same
+    except Exception as exc:  # noqa: BLE001 - pyarrow/datasets raise many types for a damaged file
         detail = (str(exc).strip().splitlines() or [""])[0][:160]
         raise UserError(f"{path}: the dataset files cannot be read ({type(exc).__name__}: {detail}); check or "
                         "rewrite them, or convert one file at a time") from None

@@ -107,7 +107,7 @@ def _frame(path: Path, sheet: str | None):
         return _csv_frame(pd, path) if csv else _excel_frame(pd, path, sheet)
     except UserError:
         raise
-    except Exception as exc:  # noqa: BLE001 - pandas/openpyxl/zipfile raise many types for a damaged file; all mean the same
+    except Exception as exc:  # noqa: BLE001 - pandas/openpyxl/zipfile: many types for a damaged file
         detail = (str(exc).strip().splitlines() or [""])[0][:120]
         kind = "CSV" if csv else "an Excel workbook"
         raise UserError(f"{path}: cannot be read as {kind} ({type(exc).__name__}: {detail}); check the file, "

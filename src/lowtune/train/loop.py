@@ -273,8 +273,7 @@ def _build_training(state: RunState, model_dir: Path) -> tuple[tuple[int, int], 
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train, state.plan.optimizer)
     state.scheduler = build_scheduler(optimizer, cfg.train, state.total)
     state.model, state.optimizer = prepare(accelerator, model, optimizer, state.plan)
-    install_weight_hooks(accelerator)
-    accelerator.register_for_checkpointing(state.scheduler)
+    install_weight_hooks(accelerator)  # the schedule goes into trainer_state.json (checkpoint.py)
     return counts, notes
 
 
