@@ -131,3 +131,44 @@ def test_a_bug_is_still_an_internal_error(tmp_path, monkeypatch, capsys):
     fail_at(monkeypatch, 2, bug)
     assert main(["train", str(config)]) == 1
     assert "internal error: KeyError" in capsys.readouterr().err
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from lowtune.train import checkpoint
+
+    config, run = write_config(tmp_path), tmp_path / "run"
+    real, saves = checkpoint.save_trained, {"n": 0}
+
+    def fill_disk(model, folder, *args, **kwargs):
+        real(model, folder, *args, **kwargs)  # the adapter is written, then the disk is full
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(folder / "optimizer.bin"))
+
+    monkeypatch.setattr(checkpoint, "save_trained", fill_disk)
+    assert main(["train", str(config)]) == 2
+    line = stderr_line(capsys)
+    assert "no space left while writing checkpoint step-4" in line and "step-2 is intact" in line, line
+    assert "GiB free" in line and "--resume auto" in line
+    assert complete(run) == [2] and finite_adapter(run / "checkpoints" / "step-2")
+    assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # space given back
+    monkeypatch.undo()
+    assert main(["train", str(config), "--resume", "auto"]) == 0
+    assert step_rows(run) == list(range(1, TOTAL + 1))
+
+
+def test_disk_full_anywhere_else_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from lowtune.data import convert
+
+    def full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out.jsonl"))
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"instruction": "q", "output": "a"}\n', encoding="utf-8")
+    monkeypatch.setattr(convert, "write_jsonl", full)
+    assert main(["data", "convert", str(src), "-o", str(tmp_path / "out.jsonl")]) == 2
+    assert "no space left on the disk writing" in stderr_line(capsys)

@@ -7,6 +7,7 @@ Exit codes: 0 ok, 2 user error (one line naming the file/key/row and the fix), 1
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -525,13 +526,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a bug in lowtune or a library: keep the traceback for the report
-        import traceback
-
-        traceback.print_exc()
-        print(f"internal error: {type(exc).__name__}: {exc} (please report it with `lowtune doctor` output)",
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _internal_error(exc)
+        print(f"error: no space left on the disk{f' writing {exc.filename}' if exc.filename else ''}: free some "
+              "space and run the command again (unfinished outputs were removed; finished ones are intact)",
               file=sys.stderr)
-        return 1
+        return 2
+    except Exception as exc:  # a bug in lowtune or a library: keep the traceback for the report
+        return _internal_error(exc)
+
+
+def _internal_error(exc: Exception) -> int:
+    import traceback
+
+    traceback.print_exception(exc)
+    print(f"internal error: {type(exc).__name__}: {exc} (please report it with `lowtune doctor` output)",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

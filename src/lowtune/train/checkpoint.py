@@ -8,6 +8,7 @@ is written last, then the folder is renamed to `checkpoints/step-N`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 TRAINER_STATE = "trainer_state.json"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 SCHEDULER_KEY = "scheduler"
 """The LR schedule's state, kept as JSON in trainer_state.json: accelerate would pickle a registered object and read
 it back with weights_only=False, which runs whatever a downloaded run folder holds."""
@@ -109,7 +111,30 @@ def _temp_dir(run: RunFolder, step: int) -> Path:
 
 
 def save_checkpoint(state: RunState, step: int) -> Path:
-    """Write checkpoints/step-N atomically and keep only the newest train.save_limit complete checkpoints."""
+    """Write checkpoints/step-N atomically and keep only the newest train.save_limit complete checkpoints. A full
+    disk is one line naming the checkpoint that is still intact; the unfinished one is removed to give space back."""
+    try:
+        return _write_checkpoint(state, step)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        shutil.rmtree(_temp_dir(state.run, step), ignore_errors=True)
+        latest = state.run.latest_checkpoint()
+        kept = f"{latest} is intact" if latest else "no earlier checkpoint exists"
+        raise UserError(f"no space left while writing checkpoint step-{step} in {state.run.checkpoints_dir} "
+                        f"({free_space(state.run.root)} free); {kept}. Free some space (or lower train.save_limit, "
+                        f"now {state.cfg.train.save_limit}), then `lowtune train {state.run.config_path} "
+                        "--resume auto`") from None
+
+
+def free_space(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**30:.1f} GiB"
+    except OSError:
+        return "unknown space"
+
+
+def _write_checkpoint(state: RunState, step: int) -> Path:
     accelerator, run = state.accelerator, state.run
     tmp = _temp_dir(run, step)
     if accelerator.is_main_process:
