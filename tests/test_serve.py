@@ -298,7 +298,7 @@ def test_slow_clients_are_cut_off_while_others_are_served(server, client):
     started = time.perf_counter()
     answer = client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2)
     served_in = time.perf_counter() - started
-    assert answer.choices[0].message.content and served_in < REQUEST_TIMEOUT
+    assert answer.choices[0].message.content and served_in < 30  # not held up by the 101 slow connections
     for sock in heads[:10]:
         sock.sendall(b"X-Slow: 1\r\n")  # still trickling: the deadline is for the whole head
     closed, deadline = 0, started + REQUEST_TIMEOUT + 3
