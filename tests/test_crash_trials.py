@@ -226,7 +226,8 @@ def test_killed_merge_or_export_never_leaves_a_folder_that_looks_complete(zygote
     _, code = zygote.run(["train", str(config)], tmp_path / "train.log")
     assert code == 0, (tmp_path / "train.log").read_text()
     out = tmp_path / "out"
-    argv = [verb, str(tmp_path / "run"), "-o", str(out), "--force"] + (["--format", "gguf"] if verb == "export" else [])
+    argv = [verb, str(tmp_path / "run"), "-o", str(out), "--force"]
+    argv += ["--format", "gguf"] if verb == "export" else []
     started = time.time()
     _, code = zygote.run(argv, tmp_path / "full.log")
     seconds = time.time() - started
