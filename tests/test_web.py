@@ -154,3 +154,32 @@ def watch_answer(page, timeout: float = 60) -> list[str]:
 
 def letters(text: str) -> str:
     return re.sub(r"[\W_]+", "", text)
+
+
+# --- hostile requests (issue 19) ------------------------------------------------------------------------------------
+
+def listening_on(port: int) -> list[str]:
+    """Addresses with a LISTEN socket on `port` (/proc/net/tcp and tcp6; IPv6 as hex)."""
+    import socket
+
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:] if Path(table).exists() else []:
+            host_hex, port_hex = line.split()[1].split(":")
+            if int(port_hex, 16) == port and line.split()[3] == "0A":
+                found.append(socket.inet_ntoa(bytes.fromhex(host_hex)[::-1]) if len(host_hex) == 8 else host_hex)
+    return found
+
+
+def test_web_listens_on_loopback_only(web_page):
+    assert listening_on(web_page["port"]) == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[" * 100_000, b"\xff\xfe", b'{"data": 5, "fn_index": "x"}', b""])
+def test_malformed_requests_are_refused_and_the_page_keeps_serving(web_page, body):
+    import httpx
+
+    response = httpx.post(f"{web_page['url']}/gradio_api/queue/join", content=body,
+                          headers={"Content-Type": "application/json"}, timeout=30)
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+    assert httpx.get(web_page["url"], timeout=30).status_code == 200

@@ -7,6 +7,7 @@ Exit codes: 0 ok, 2 user error (one line naming the file/key/row and the fix), 1
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -201,11 +202,14 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from lowtune.infer.serve import check_port, resolve_api_key, serve
+    from lowtune.infer.serve import Limits, check_port, resolve_api_key, serve
 
     key = resolve_api_key(args.api_key)
     check_port(args.host, args.port)
-    serve(_engine_for(args), host=args.host, port=args.port, api_key=key)
+    if not args.request_timeout > 0:
+        raise UserError(f"--request-timeout {args.request_timeout:g} must be more than 0 seconds")
+    serve(_engine_for(args), host=args.host, port=args.port, api_key=key,
+          limits=Limits(request_seconds=args.request_timeout))
     return 0
 
 
@@ -433,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="MODEL|RUN", help="run folder, adapter folder, model folder, hub id or builtin:NAME")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--request-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds a client has to send a request's head, and again its body (default 10)")
     p.add_argument("--api-key", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (default $LOWTUNE_API_KEY; none when unset)")
     p.add_argument("--template", help="chat template name or .jinja file (default: the run's / the model's)")
@@ -529,13 +535,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # a bug in lowtune or a library: keep the traceback for the report
-        import traceback
-
-        traceback.print_exc()
-        print(f"internal error: {type(exc).__name__}: {exc} (please report it with `lowtune doctor` output)",
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _internal_error(exc)
+        print(f"error: no space left on the disk{f' writing {exc.filename}' if exc.filename else ''}: free some "
+              "space and run the command again (unfinished outputs were removed; finished ones are intact)",
               file=sys.stderr)
-        return 1
+        return 2
+    except Exception as exc:  # a bug in lowtune or a library: keep the traceback for the report
+        return _internal_error(exc)
+
+
+def _internal_error(exc: Exception) -> int:
+    import traceback
+
+    traceback.print_exception(exc)
+    print(f"internal error: {type(exc).__name__}: {exc} (please report it with `lowtune doctor` output)",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

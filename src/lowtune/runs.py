@@ -7,10 +7,12 @@ read it and need nothing else, and `locate_folder` is how each of them tells a r
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -249,6 +251,31 @@ def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
         os.replace(tmp_dir, final_dir)
 
 
+def _temp_prefix(final: Path) -> str:
+    return f".{final.name}.tmp-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_dead_temps(final: Path) -> None:
+    """Remove temp folders for `final` left by a killed process of this machine (host and pid are in the name), so
+    an interrupted merge or export does not keep its gigabytes; those of live processes or other hosts stay."""
+    prefix, host = _temp_prefix(final), socket.gethostname()
+    for folder in final.parent.glob(f"{glob.escape(prefix)}*"):
+        owner = folder.name[len(prefix):]
+        name, _, rest = owner.rpartition("-")[0].rpartition("-")
+        if name == host and rest.isdigit() and not _alive(int(rest)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 @contextmanager
 def staged_dir(final: Path, replace: bool = True) -> Iterator[Path]:
     """A temp folder beside `final` to write into: renamed into place when the block succeeds, removed when it fails,
@@ -258,7 +285,9 @@ def staged_dir(final: Path, replace: bool = True) -> Iterator[Path]:
     process published `final` first, theirs is kept and this one is dropped.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    sweep_dead_temps(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_temp_prefix(final)}{socket.gethostname()}-{os.getpid()}-",
+                                dir=final.parent))
     try:
         yield tmp
         if replace:

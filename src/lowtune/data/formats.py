@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lowtune.data.hfdir import dataset_folder_records
-from lowtune.data.messages import ReadReport, SkipRecord, from_xtuner, normalize_messages
+from lowtune.data.messages import ReadReport, SkipRecord, check_encodable, from_xtuner, normalize_messages
 from lowtune.data.msagent import msagent_to_messages
 from lowtune.data.sheets import sheet_records
 from lowtune.errors import UserError
@@ -26,6 +26,7 @@ from lowtune.runs import atomic_file, close_name_hint
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "system": "system"}
 SPREADSHEET_SUFFIXES = (".xlsx", ".xlsm", ".xls", ".csv", ".tsv")
+TABLE_SUFFIXES = (".parquet", ".arrow")  # read by `datasets`, like a dataset folder
 
 
 # --- canonical messages (also OpenAI `messages`) ------------------------------------------------------------------
@@ -150,10 +151,11 @@ def convert_record(record: Any, fmt: str = "auto", report: ReadReport | None = N
         raise SkipRecord(f"a record must be a JSON object (got {type(record).__name__})")
     if kind == "alpaca" and "instruction" not in record:
         record = {"instruction": record.get("input"), "output": record.get("output"), "system": record.get("system")}
-    if kind == "guanaco":
-        messages = from_guanaco(record, report, where)
-    else:
-        messages = CONVERTERS[kind](record)
+    try:
+        messages = from_guanaco(record, report, where) if kind == "guanaco" else CONVERTERS[kind](record)
+    except RecursionError:
+        raise SkipRecord("nested too deeply") from None
+    check_encodable(messages)
     if report is not None:
         report.formats[label or kind] = report.formats.get(label or kind, 0) + 1
     return messages
@@ -161,39 +163,93 @@ def convert_record(record: Any, fmt: str = "auto", report: ReadReport | None = N
 
 # --- readers -------------------------------------------------------------------------------------------------------
 
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _decode_line(raw: bytes) -> str:
+    """One line as text; a SkipRecord naming the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SkipRecord(f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); "
+                         "save the file as UTF-8") from None
+
+
+def _parse_json(text: str) -> Any:
+    """json.loads, with every way it can fail (bad JSON, too deep, a huge integer) as a SkipRecord."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SkipRecord(f"bad JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise SkipRecord("JSON nested too deeply") from None
+    except ValueError as exc:
+        raise SkipRecord(f"bad JSON ({exc})") from None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """(number, bytes) of each line, the UTF-8 BOM removed; UTF-16 files are refused with the fix."""
+    with path.open("rb") as handle:
+        for n, raw in enumerate(handle, 1):
+            if n == 1 and raw.startswith(UTF16_BOMS):
+                raise UserError(f"{path}:1: the file is UTF-16 text; save it as UTF-8 (e.g. `iconv -f UTF-16 "
+                                f"-t UTF-8 {path.name} > {path.stem}.utf8{path.suffix}`)")
+            yield n, raw.removeprefix(UTF8_BOM) if n == 1 else raw
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    """Whether the first non-blank character of the file is '[' (a JSON array rather than JSONL)."""
+    for _, raw in _lines(path):
+        if raw.strip():
+            return raw.lstrip().startswith(b"[")
+    return False
+
+
+def _array_records(path: Path) -> Iterator[tuple[str, Any]]:
+    data = path.read_bytes().removeprefix(UTF8_BOM)
+    try:
+        items = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8") \
+            from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); fix the file or write one "
+                        "JSON object per line (JSONL)") from None
+    except (RecursionError, ValueError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise UserError(f"{path}: not valid JSON ({reason}); fix the file or write one JSON object per line "
+                        "(JSONL)") from None
+    if not isinstance(items, list):
+        raise UserError(f"{path}: a JSON file must hold an array of records or one record per line (JSONL)")
+    for n, item in enumerate(items, 1):
+        yield f"{path} item {n}", item
+
+
 def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(where, record) from a JSON array or JSONL file; bad JSON lines are yielded as SkipRecord instances."""
-    with path.open(encoding="utf-8-sig") as handle:
-        first = ""
-        while not first:
-            char = handle.read(1)
-            if not char:
-                return
-            first = char.strip()
-        handle.seek(0)
-        if first == "[":
-            try:
-                items = json.load(handle)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); fix the file or write one "
-                                "JSON object per line (JSONL)") from None
-            for n, item in enumerate(items, 1):
-                yield f"{path} item {n}", item
-            return
-        for n, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{n}", json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield f"{path}:{n}", SkipRecord(f"bad JSON ({exc.msg} at column {exc.colno})")
+    """(where, record) from a JSON array or JSONL file; lines that cannot be read are yielded as SkipRecord."""
+    if _starts_with_bracket(path):
+        yield from _array_records(path)
+        return
+    for n, raw in _lines(path):
+        if not raw.strip():
+            continue
+        try:
+            yield f"{path}:{n}", _parse_json(_decode_line(raw))
+        except SkipRecord as exc:
+            yield f"{path}:{n}", exc
 
 
 def _text_records(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8-sig") as handle:
-        for n, line in enumerate(handle, 1):
-            if line.strip():
-                yield f"{path}:{n}", {"text": line.rstrip("\n")}
+    for n, raw in _lines(path):
+        try:
+            line = _decode_line(raw).rstrip("\r\n")
+        except SkipRecord as exc:
+            yield f"{path}:{n}", exc
+            continue
+        if line.strip():
+            yield f"{path}:{n}", {"text": line}
 
 
 def missing_dataset(path: Path) -> UserError:
@@ -205,7 +261,7 @@ def iter_records(path: Path, sheet: str | None = None, mapping: dict[str, str] |
                  system: str | None = None) -> Iterator[tuple[str, Any]]:
     """(where, record) pairs from any supported source; a record may be a SkipRecord to count."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix.lower() in TABLE_SUFFIXES):
         yield from dataset_folder_records(path)
     elif not path.is_file():
         raise missing_dataset(path)

@@ -137,6 +137,18 @@ def from_xtuner(record: dict) -> list[dict]:
     return normalize_messages(messages)
 
 
+def check_encodable(messages: list[dict]) -> list[dict]:
+    """The messages, or a SkipRecord when a text holds an unpaired surrogate (JSON `\\ud800`) that no UTF-8 file,
+    tokenizer or model can take."""
+    for n, msg in enumerate(messages, 1):
+        try:
+            msg["content"].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise SkipRecord(f"message {n} holds an unpaired surrogate (\\u{ord(exc.object[exc.start]):04x}); "
+                             "fix the escape in the file") from None
+    return messages
+
+
 # --- helpers ------------------------------------------------------------------------------------------------------
 
 def add_system(messages: list[dict], system: str | None) -> list[dict]:
@@ -150,8 +162,10 @@ def literal(text: str) -> Any:
     """Parse a JSON or Python-literal string (never `eval`)."""
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, TypeError):
+    except (ValueError, TypeError):
         pass
+    except RecursionError:
+        raise SkipRecord("nested too deeply") from None
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:

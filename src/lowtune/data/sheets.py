@@ -72,12 +72,24 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _frame(path: Path, sheet: str | None):
-    pd = require("pandas", "xlsx", "Reading spreadsheets")
-    suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        sep = "\t" if suffix == ".tsv" else ","
-        return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig"), str(path)
+def _check_utf8(path: Path) -> None:
+    """A CSV/TSV must be UTF-8: name the line of the first byte that is not."""
+    data = path.read_bytes()
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); save the file as UTF-8 "
+                        "(Excel: Save As 'CSV UTF-8')") from None
+
+
+def _csv_frame(pd: Any, path: Path):
+    _check_utf8(path)
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    return pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, encoding="utf-8-sig"), str(path)
+
+
+def _excel_frame(pd: Any, path: Path, sheet: str | None):
     require("openpyxl", "xlsx", "Reading .xlsx files")
     with pd.ExcelFile(path) as book:
         names = [str(n) for n in book.sheet_names]
@@ -85,6 +97,21 @@ def _frame(path: Path, sheet: str | None):
         if name not in names:
             raise UserError(f"{path}: no sheet '{name}'{did_you_mean(name, names)}; sheets are: {', '.join(names)}")
         return pd.read_excel(book, sheet_name=name, dtype=object, keep_default_na=False), f"{path} sheet {name}"
+
+
+def _frame(path: Path, sheet: str | None):
+    """(DataFrame, label); a file pandas cannot parse (damaged, empty, not what its suffix says) is a UserError."""
+    pd = require("pandas", "xlsx", "Reading spreadsheets")
+    csv = path.suffix.lower() in (".csv", ".tsv")
+    try:
+        return _csv_frame(pd, path) if csv else _excel_frame(pd, path, sheet)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - pandas/openpyxl/zipfile: many types for a damaged file
+        detail = (str(exc).strip().splitlines() or [""])[0][:120]
+        kind = "CSV" if csv else "an Excel workbook"
+        raise UserError(f"{path}: cannot be read as {kind} ({type(exc).__name__}: {detail}); check the file, "
+                        "or save it again from a spreadsheet program") from None
 
 
 def sheet_records(path: Path, sheet: str | None, mapping: dict[str, str] | None,

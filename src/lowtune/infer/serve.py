@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lowtune.errors import UserError, require
 from lowtune.generation import Sampling
@@ -45,6 +45,8 @@ class Limits:
     default_max_tokens: int = 512
     max_waiting: int = 512
     """Requests allowed to queue for the model; beyond this the server answers 503 at once."""
+    request_seconds: float = 10.0
+    """Time a client has to send a request's head, and again its body: a slow client (slowloris) is cut off."""
 
 
 # --- request and errors -------------------------------------------------------------------------------------------
@@ -59,6 +61,17 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
+
+    @field_validator("content")
+    @classmethod
+    def _valid_unicode(cls, content: str | list[TextPart]) -> str | list[TextPart]:
+        text = content if isinstance(content, str) else "".join(p.text for p in content)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone \\ud800 escape: valid JSON, but no tokenizer takes it
+            raise ValueError("the text holds an unpaired surrogate escape (like \\ud800); send valid Unicode") \
+                from None
+        return content
 
     def as_dict(self) -> dict:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -316,8 +329,8 @@ class Gate:
     Content-Length, or as soon as a chunked body passes the limit.
     """
 
-    def __init__(self, app: Any, limit: int, api_key: str | None) -> None:
-        self.app, self.limit, self.api_key = app, limit, api_key
+    def __init__(self, app: Any, limit: int, api_key: str | None, body_seconds: float = 10.0) -> None:
+        self.app, self.limit, self.api_key, self.body_seconds = app, limit, api_key, body_seconds
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -332,11 +345,17 @@ class Gate:
             return await self._refuse(send, self._too_large(int(declared)))
         from starlette.exceptions import HTTPException  # what FastAPI lets through from reading a body
 
-        seen = 0
+        seen, body_done, deadline = 0, False, time.monotonic() + self.body_seconds
 
         async def counted() -> dict:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, body_done
+            if body_done:  # later calls wait for a disconnect while the answer streams: no deadline then
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
+                raise HTTPException(408, f"the request body did not arrive within {self.body_seconds:g}s") from None
+            body_done = not message.get("more_body", False)
             seen += len(message.get("body", b""))
             if seen > self.limit:
                 raise HTTPException(413, self._too_large(seen).message)
@@ -392,7 +411,8 @@ def create_app(engine: ChatEngine, api_key: str | None = None, limits: Limits | 
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request, exc: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout",
+                413: "request_too_large"}.get(exc.status_code)
         return error_response(ApiError(exc.status_code, str(exc.detail), code=code))
 
     @app.exception_handler(Exception)
@@ -425,7 +445,7 @@ def create_app(engine: ChatEngine, api_key: str | None = None, limits: Limits | 
                              "logprobs": None, "finish_reason": job.outcome.finish_reason}],
                 "usage": job.outcome.usage()}
 
-    return Gate(app, limits.max_body_bytes, api_key)
+    return Gate(app, limits.max_body_bytes, api_key, limits.request_seconds)
 
 
 def make_job(request: ChatRequest, engine: ChatEngine, limits: Limits) -> Job:
@@ -487,6 +507,51 @@ async def _stream_events(pieces: AsyncIterator[str], first: str | None, job: Job
     yield _sse("[DONE]")
 
 
+# --- slow clients -------------------------------------------------------------------------------------------------
+
+def deadline_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol, closing a connection whose request head is not complete `seconds` after the
+    connection opened or after its previous answer. uvicorn alone waits for a partial head forever (slowloris)."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class DeadlineProtocol(H11Protocol):
+        head_deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self) -> None:
+            cycle = self.cycle
+            super().handle_events()
+            if self.cycle is not cycle:  # a request head arrived
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self.head_deadline = self.loop.call_later(seconds, self._expire)
+
+        def _disarm(self) -> None:
+            if self.head_deadline is not None:
+                self.head_deadline.cancel()
+                self.head_deadline = None
+
+        def _expire(self) -> None:
+            self.head_deadline = None
+            if self.cycle is None or self.cycle.response_complete:  # still waiting for a head
+                self.transport.close()
+
+    return DeadlineProtocol
+
+
 # --- the command --------------------------------------------------------------------------------------------------
 
 def check_port(host: str, port: int, flag: str = "--port") -> None:
@@ -514,6 +579,7 @@ def serve(engine: ChatEngine, host: str = "127.0.0.1", port: int = 8000, api_key
           limits: Limits | None = None, log_level: str = "info") -> None:
     """Serve `engine` until Ctrl-C (blocking)."""
     uvicorn = require("uvicorn", "serve", "lowtune serve")
+    limits = limits or Limits()
     app = create_app(engine, api_key, limits)
     base = f"http://{host if host not in ('0.0.0.0', '::') else '127.0.0.1'}:{port}/v1"
     print(f"serving {engine.name} at {base} (OpenAI-compatible: /v1/chat/completions, /v1/models, /health)")
@@ -525,4 +591,5 @@ def serve(engine: ChatEngine, host: str = "127.0.0.1", port: int = 8000, api_key
     print(f"  try: curl {base}/chat/completions -H 'Content-Type: application/json' "
           f"-d '{{\"model\": \"{engine.name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi\"}}]}}'",
           flush=True)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                http=deadline_protocol(limits.request_seconds))

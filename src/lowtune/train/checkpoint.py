@@ -8,6 +8,7 @@ is written last, then the folder is renamed to `checkpoints/step-N`.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -26,6 +27,11 @@ if TYPE_CHECKING:
     from accelerate import Accelerator
 
 TRAINER_STATE = "trainer_state.json"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+SCHEDULER_KEY = "scheduler"
+"""The LR schedule's state, kept as JSON in trainer_state.json: accelerate would pickle a registered object and read
+it back with weights_only=False, which runs whatever a downloaded run folder holds."""
+LEGACY_SCHEDULER = "custom_checkpoint_0.pkl"
 
 
 def is_peft(model: Any) -> bool:
@@ -105,7 +111,30 @@ def _temp_dir(run: RunFolder, step: int) -> Path:
 
 
 def save_checkpoint(state: RunState, step: int) -> Path:
-    """Write checkpoints/step-N atomically and keep only the newest train.save_limit complete checkpoints."""
+    """Write checkpoints/step-N atomically and keep only the newest train.save_limit complete checkpoints. A full
+    disk is one line naming the checkpoint that is still intact; the unfinished one is removed to give space back."""
+    try:
+        return _write_checkpoint(state, step)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL:
+            raise
+        shutil.rmtree(_temp_dir(state.run, step), ignore_errors=True)
+        latest = state.run.latest_checkpoint()
+        kept = f"{latest} is intact" if latest else "no earlier checkpoint exists"
+        raise UserError(f"no space left while writing checkpoint step-{step} in {state.run.checkpoints_dir} "
+                        f"({free_space(state.run.root)} free); {kept}. Free some space (or lower train.save_limit, "
+                        f"now {state.cfg.train.save_limit}), then `lowtune train {state.run.config_path} "
+                        "--resume auto`") from None
+
+
+def free_space(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**30:.1f} GiB"
+    except OSError:
+        return "unknown space"
+
+
+def _write_checkpoint(state: RunState, step: int) -> Path:
     accelerator, run = state.accelerator, state.run
     tmp = _temp_dir(run, step)
     if accelerator.is_main_process:
@@ -118,7 +147,8 @@ def save_checkpoint(state: RunState, step: int) -> Path:
     accelerator.wait_for_everyone()
     final = run.checkpoint_dir(step)
     if accelerator.is_main_process:
-        atomic_write_text(tmp / TRAINER_STATE, json.dumps(state.trainer_state(step), indent=2))
+        trainer_state = {**state.trainer_state(step), SCHEDULER_KEY: state.scheduler.state_dict()}
+        atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2))
         atomic_write_text(tmp / COMPLETE_MARKER, f"step {step}\n")  # last: its presence means "safe to resume"
         publish_dir(tmp, final)
         prune(run, state.cfg.train.save_limit)
@@ -164,7 +194,19 @@ def load_checkpoint(state: RunState, checkpoint: Path) -> dict:
     state.accelerator.load_state(str(checkpoint))
     if state.plan.sharded:
         _load_sharded(state.model, state.optimizer, checkpoint, state.accelerator.is_main_process)
-    return json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+    saved = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+    restore_scheduler(state.scheduler, saved, checkpoint)
+    return saved
+
+
+def restore_scheduler(scheduler: Any, saved: dict, checkpoint: Path) -> None:
+    """The LR schedule from trainer_state.json, or from the pickle older checkpoints hold (read weights_only)."""
+    import torch
+
+    if SCHEDULER_KEY in saved:
+        scheduler.load_state_dict(saved[SCHEDULER_KEY])
+    elif (checkpoint / LEGACY_SCHEDULER).is_file():
+        scheduler.load_state_dict(torch.load(checkpoint / LEGACY_SCHEDULER, map_location="cpu", weights_only=True))
 
 
 def _save_sharded(model: Any, optimizer: Any, folder: Path, is_main_process: bool) -> None:
@@ -202,5 +244,5 @@ def _load_sharded(model: Any, optimizer: Any, checkpoint: Path, is_main_process:
         raise UserError(f"{checkpoint}: the saved weights do not match this model (missing {missing[:3]}); "
                         "resume with the same model.path and lora settings")
     weights = _read_tensors(files) if is_main_process else {}
-    optimizer_state = torch.load(checkpoint / OPTIMIZER_FILE, weights_only=False) if is_main_process else {}
+    optimizer_state = torch.load(checkpoint / OPTIMIZER_FILE, weights_only=True) if is_main_process else {}
     load_full_state(model, optimizer, weights, optimizer_state)

@@ -15,6 +15,7 @@ with the summed pair losses divided by the window's pair count.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import threading
@@ -61,7 +62,7 @@ from lowtune.train.observe import (
 )
 from lowtune.train.optim import build_optimizer, build_scheduler, check_optimizer
 from lowtune.train.outputs import export_weights, library_versions, write_run_header
-from lowtune.train.plan import DevicePlan, check_micro_batch, plan_device
+from lowtune.train.plan import DevicePlan, check_micro_batch, fit_hint, plan_device
 from lowtune.train.plot import plot_loss
 from lowtune.train.preference import eval_pairs, make_pair_batch, metric_means, pair_loss_sum, precompute_reference
 from lowtune.train.replay import base_answers, cache_path, read_answers, replay_applies
@@ -199,12 +200,45 @@ def train_step(state: RunState, window: list[list[int]]) -> tuple[float, float, 
         state.pair_metrics = metric_means(accelerator.reduce(pair_sums, "sum"), targets)
     assert model.training, "training step in eval mode: checkpointing and dropout would be off"
     grad_norm = clip_gradients(accelerator, model, state.cfg.train.max_grad_norm)
+    loss = float(accelerator.reduce(loss_sum, "sum")) / max(targets, 1)
+    if not math.isfinite(loss) or not (math.isfinite(grad_norm) or accelerator.scaler is not None):
+        state.optimizer.zero_grad(set_to_none=True)  # never apply it: the weights stay those of the last step
+        raise NonFiniteLoss(loss, grad_norm)
     state.optimizer.step()
     if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped it, keep the schedule
         state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
-    loss = float(accelerator.reduce(loss_sum, "sum")) / max(targets, 1)
     return loss, grad_norm, tokens
+
+
+class NonFiniteLoss(Exception):
+    """A step whose loss (or, without fp16 loss scaling, gradient norm) is NaN or infinite; it was not applied."""
+
+    def __init__(self, loss: float, grad_norm: float) -> None:
+        super().__init__(f"loss {loss}, grad norm {grad_norm}")
+        self.loss, self.grad_norm = loss, grad_norm
+
+
+def _last_good(state: RunState) -> str:
+    latest = state.run.latest_checkpoint()
+    return f"the last good checkpoint is {latest}" if latest else "no checkpoint was written yet"
+
+
+def non_finite_error(state: RunState, step: int, exc: NonFiniteLoss) -> UserError:
+    """One line: which step, what was not finite, what was kept and what to change."""
+    what = f"the loss is {exc.loss}" if not math.isfinite(exc.loss) else f"the gradient norm is {exc.grad_norm}"
+    return UserError(f"step {step}: {what}; training stopped before applying that step and {_last_good(state)}. "
+                     f"Lower train.lr (now {state.cfg.train.lr:g}) or check the data (lowtune data preview), then "
+                     f"continue with `lowtune train {state.run.config_path} --resume auto`")
+
+
+def out_of_memory_error(state: RunState, step: int, exc: BaseException) -> UserError:
+    """One line: the plan that ran, the measured peak, what to change and how to check it before the next try."""
+    peak = peak_memory_gb(state.accelerator.device)
+    plan = state.plan.describe().splitlines()[0].removeprefix("device plan: ")
+    return UserError(f"out of memory at step {step} ({type(exc).__name__}) with plan {plan}; measured peak "
+                     f"{peak:.2f} GiB; {fit_hint(state.cfg)}; `lowtune estimate {state.run.config_path}` shows what "
+                     f"fits this GPU; {_last_good(state)} (continue with --resume auto)")
 
 
 def eval_loss(state: RunState) -> float:
@@ -313,8 +347,7 @@ def _build_training(state: RunState, model_dir: Path) -> tuple[tuple[int, int], 
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.train, state.plan.optimizer)
     state.scheduler = build_scheduler(optimizer, cfg.train, state.total)
     state.model, state.optimizer = prepare(accelerator, model, optimizer, state.plan)
-    install_weight_hooks(accelerator)
-    accelerator.register_for_checkpointing(state.scheduler)
+    install_weight_hooks(accelerator)  # the schedule goes into trainer_state.json (checkpoint.py)
     return counts, notes
 
 
@@ -451,7 +484,7 @@ def train(cfg: Config, resume: str | None = None, dry_run: bool = False, console
                              model=accelerator.unwrap_model(state.model), tokenizer=tokenizer)
         recorder = Recorder(run, cfg, console, enabled=main)
         try:
-            _fit(state, result, recorder, console)
+            _fit_or_explain(state, result, recorder, console)
         finally:
             recorder.close()
         _export(state, console)
@@ -470,6 +503,18 @@ def _note_changed_settings(run: RunFolder, cfg: Config, console: Console) -> Non
         shown = "; ".join(changes[:4]) + (f"; and {len(changes) - 4} more" if len(changes) > 4 else "")
         _say(console, f"note: resuming with settings that differ from {run.config_path}: {shown}. To continue with "
                       f"the run's own settings: lowtune train {run.config_path} --resume auto")
+
+
+def _fit_or_explain(state: RunState, result: TrainResult, recorder: Recorder, console: Console) -> None:
+    """`_fit`, with a NaN/inf step and running out of memory turned into one line that says what to change."""
+    import torch
+
+    try:
+        _fit(state, result, recorder, console)
+    except NonFiniteLoss as exc:
+        raise non_finite_error(state, result.steps + 1, exc) from None
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        raise out_of_memory_error(state, result.steps + 1, exc) from None
 
 
 def _fit(state: RunState, result: TrainResult, recorder: Recorder, console: Console) -> None:
