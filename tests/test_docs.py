@@ -156,7 +156,9 @@ def test_zh_and_en_show_the_same_commands():
 # --- running them -------------------------------------------------------------------------------------------------
 
 def recipe_exists(name: str) -> bool:
-    return (ROOT / "src" / "lowtune" / "recipes" / f"{name}.yaml").is_file()
+    import lowtune
+
+    return (Path(lowtune.__file__).parent / "recipes" / f"{name}.yaml").is_file()
 
 
 def expand(text: str, env: dict[str, str]) -> str:
