@@ -67,14 +67,16 @@ SKIP: list[tuple[str, str]] = [
     (r"^pip install ", "installs packages: CI installs lowtune[dev] (a superset) before the tests run"),
     (r"^ollama ", "needs the Ollama app; the Modelfile it reads is checked in tests/test_export.py"),
     (r"^ssh ", "a tunnel from the user's laptop to a remote GPU machine"),
-    (r"^lowtune download damo/MSAgent-Bench ", "ModelScope's dataset API is not faked; the test writes MSAgent-Bench "
-                                               "rows in its format to data/MSAgent-Bench/train.jsonl instead"),
+    (r"^lowtune download damo/MSAgent-Bench ", ("ModelScope's dataset API is not faked; the test writes MSAgent-Bench "
+                                                "rows in its format to data/MSAgent-Bench/train.jsonl instead")),
 ]
 SUBSTITUTE: list[tuple[str, str, str]] = [
-    (r"^curl -L -o (\S+\.xlsx) \S+$", f"cp {MEDQA_XLSX} \\1", "the MedQA workbook: the copy in tests/data"),
+    (r"^curl -L -o (\S+\.xlsx) \S+$", f"cp {shlex.quote(str(MEDQA_XLSX))} \\1",
+     "the MedQA workbook: the copy in tests/data"),
     (r"https://hf-mirror\.com", "{hf}", "a Hugging Face mirror: the fake hub"),
 ]
 NEEDS_MODULE = {"--quant q4_k_m": "llama_cpp"}  # a command with this text runs only with the optional package
+NEEDS_PROGRAM = ["curl"]  # a command starting with one of these runs only where it is installed
 
 GUANACO = [{"text": f"### Human: Question {i}: name a colour.### Assistant: Colour {i} is blue."} for i in range(8)]
 MSAGENT = [{"id": i, "conversations": repr([
@@ -96,7 +98,7 @@ class Block:
 def read_blocks(doc: str) -> list[Block]:
     text = DOCS[doc].read_text(encoding="utf-8")
     blocks = []
-    for match in re.finditer(r"(<!-- docs-test: needs recipe (\S+) -->\s*\n)?```bash\n(.*?)\n```", text, re.S):
+    for match in re.finditer(r"(<!-- docs-test: needs recipe (\S+) -->\s*\n)?```bash\n(.*?)\n```", text, re.DOTALL):
         block = Block(doc, text[:match.start(3)].count("\n") + 1, match.group(2))
         block.commands = split_commands(match.group(3))
         blocks.append(block)
@@ -167,7 +169,7 @@ def expand(text: str, env: dict[str, str]) -> str:
 
 def fake_serper():
     class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802 (http.server's naming)
+        def do_POST(self):
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
             body = json.dumps({"organic": [{"title": "上海天气", "snippet": "明天晴，25°C",
                                             "link": "https://weather.example/sh"}]}).encode()
@@ -228,6 +230,9 @@ class Runner:
         for text, module in NEEDS_MODULE.items():
             if text in command and not _importable(module):
                 return self.note(f"SKIP {where} {command!r}: needs the optional package {module}")
+        program = command.split()[0]
+        if program in NEEDS_PROGRAM and shutil.which(program) is None:
+            return self.note(f"SKIP {where} {command!r}: {program} is not installed")
         export = re.match(r"^export (\w+)=(.*)$", command)
         if export:
             name, value = export.groups()
@@ -250,8 +255,8 @@ class Runner:
         if words[:1] == ["lowtune"]:
             self.lowtune(words[1:], assignments, where, original)
         else:
-            result = subprocess.run(["bash", "-c", command], cwd=self.work, env=self.env, capture_output=True,
-                                    text=True, timeout=300)
+            result = subprocess.run(["bash", "-c", command], check=False, cwd=self.work, env=self.env,
+                                    capture_output=True, text=True, timeout=300)
             assert result.returncode == 0, f"{where}: {original}\n{result.stdout}\n{result.stderr}"
         self.note(f"ran  {where} {original[:100]!r} in {time.monotonic() - started:.1f}s")
 
