@@ -45,7 +45,7 @@ MEDQA_XLSX = ROOT / "tests" / "data" / "MedInfo2019-QA-Medications.xlsx"
 
 SECTIONS = ["overview", "install", "quickstart", "medqa", "self", "use", "export", "publish", "agent", "preference",
             "multi-gpu", "troubleshooting"]
-"""`<!-- section: NAME -->` markers, in the seed tutorial's chapter order (reference/xtuner-parity.md §1), then ours."""
+"""`<!-- section: NAME -->` markers, in the seed tutorial's chapter order (xtuner-parity.md §1), then ours."""
 
 MODEL = "builtin:micro"
 TOKEN = "hf_docs_test_token"
