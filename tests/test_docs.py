@@ -307,7 +307,7 @@ class Runner:
         log = self.work / f".{verb}-{port}.log"
         proc = start_process([sys.executable, "-m", "lowtune.cli", *argv], log, env, cwd=self.work)
         self.servers.append(proc)
-        wait_for(url, proc, log)
+        wait_for(url, proc, log, timeout=300)  # Gradio starts slowly on a loaded machine
 
 
 def _importable(module: str) -> bool:
