@@ -30,7 +30,7 @@ def main(run: str, question: str, out: str) -> None:
     server = subprocess.Popen([sys.executable, "-m", "lowtune.cli", "web", run, "--port", str(port)],
                               env=dict(os.environ))
     try:
-        for _ in range(600):
+        for _ in range(1200):
             try:
                 urllib.request.urlopen(url, timeout=2)
                 break
@@ -39,6 +39,7 @@ def main(run: str, question: str, out: str) -> None:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=FLAGS)
             page = browser.new_page(viewport={"width": 1100, "height": 760})
+            page.set_default_timeout(300_000)  # a loaded CPU renders slowly
             page.goto(url)
             box = page.get_by_placeholder("Type a message...")
             box.wait_for(timeout=120_000)
