@@ -37,6 +37,7 @@ import json, os, sys
 import torch, transformers, peft, accelerate  # imported once, shared by every forked child
 import lowtune.cli, lowtune.train.loop, lowtune.export.merge, lowtune.export.gguf
 
+print(json.dumps({"ready": True}), flush=True)
 for line in sys.stdin:
     argv, log = json.loads(line)
     pid = os.fork()
@@ -57,6 +58,7 @@ class Zygote:
     def __init__(self) -> None:
         self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        assert self._read(900) == {"ready": True}, "the zygote did not finish its imports"  # slow on a busy CI box
 
     def _read(self, timeout: float | None) -> dict | None:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
@@ -82,7 +84,10 @@ class Zygote:
 
     def close(self) -> None:
         self.proc.stdin.close()
-        self.proc.wait(30)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 @pytest.fixture(scope="module")
