@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import re
 import shlex
@@ -78,6 +79,8 @@ def self_cognition(work: Path, model: Path, label: str, log: list[str]) -> dict:
     return {"train_s": seconds, **json.loads((work / run / "eval.json").read_text(encoding="utf-8"))}
 
 
+NOTES = ROOT / "docs" / "quality-runs" / "NOTES.md"
+"""What the rows show, written by whoever ran them; rendered under the self-cognition table."""
 MEDQA_QUICK = {"train": ["train.epochs=1"], "eval": ["-n", "20"]}
 """--quick-medqa: one epoch and 20 scored answers, no retention (about 25 minutes on 2 CPU cores, not 2 hours)."""
 
@@ -106,16 +109,20 @@ def number(value: float | None, digits: int = 3) -> str:
 def device_name() -> str:
     import torch
 
-    return f"{torch.cuda.get_device_name()} (CUDA)" if torch.cuda.is_available() else f"the CPU ({platform.machine()})"
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, GGUF imported by lowtune"
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores), GGUF imported by lowtune"
 
 
 def self_table(rows: list[dict]) -> list[str]:
     lines = ["| tiny-self | where, when | identity hit rate | retention | knowledge accuracy (base → tuned) | train time |",
              "|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (SELF_ORDER.index(r["label"]), r["device"])):
+    order = {label: i for i, label in enumerate(SELF_ORDER)}
+    for r in sorted(rows, key=lambda r: (order.get(r["label"], len(order)), r["label"], r["device"])):
+        minutes = "–" if r.get("train_s") is None else f"{r['train_s'] / 60:.0f} min"
         lines.append(f"| {r['label']} | {r['device']}, {r['date']} | {rate(r['metrics'], 'identity_hit_rate')} | "
                      f"{rate(r['metrics'], 'retention')} | {rate(r['base_metrics'], 'knowledge_accuracy')} → "
-                     f"{rate(r['metrics'], 'knowledge_accuracy')} | {r['train_s'] / 60:.1f} min |")
+                     f"{rate(r['metrics'], 'knowledge_accuracy')} | {minutes} |")
     return lines
 
 
@@ -145,6 +152,8 @@ def render(self_rows: list[dict], medqa_rows: list[dict]) -> str:
              "Retention: of the built-in factual questions (117) the base model answers with the key fact, the "
              "share the tuned model still answers with it. Knowledge accuracy: all factual questions.", ""]
     lines += self_table(self_rows) if self_rows else ["Not measured yet: `python bench/quality.py --parts self`."]
+    if NOTES.is_file():
+        lines += ["", NOTES.read_text(encoding="utf-8").strip()]
     lines += ["", "Previous default: " + ", ".join(f"`{o}`" for o in PREVIOUS_SELF) + " (no replay). Shipped "
               "default: the recipe as it is now (`lowtune copy tiny-self`: LoRA r16, lr 2e-4, 3 epochs, "
               "`data.replay: 0.5`); without replay: the same with `data.replay=0`.", "",
@@ -158,7 +167,7 @@ def render(self_rows: list[dict], medqa_rows: list[dict]) -> str:
         lines += ["Not measured yet: `python bench/quality.py --parts medqa` (about 2 hours on 2 CPU cores; "
                   "`--quick-medqa`: one epoch, 20 scored answers).", ""]
     lines += ["## Commands run", "", "```"]
-    lines += list(dict.fromkeys(re.sub(r"model\.path=\S+", "model.path=<gguf>", line)
+    lines += list(dict.fromkeys(re.sub(r"model\.path=\S+\.gguf", "model.path=<gguf>", line)
                                 for row in self_rows + medqa_rows for line in row["commands"]))
     return "\n".join(lines + ["```", ""])
 
