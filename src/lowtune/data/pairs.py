@@ -195,9 +195,8 @@ def _whole_conversation(value: Any) -> bool:
 
 def convert_pair(record: Any, fmt: str = "auto") -> tuple[str, dict]:
     """(layout, canonical pair) of one record; SkipRecord with the reason when it cannot be converted."""
-    kind = detect_pair(record) if fmt == "auto" else fmt
-    if not isinstance(record, dict):
-        raise SkipRecord(f"a record must be a JSON object (got {type(record).__name__})")
+    detected = detect_pair(record)  # also: an object with 'chosen' and 'rejected', whatever the layout asked for
+    kind = detected if fmt == "auto" else fmt
     return kind, CONVERTERS[kind](record)
 
 
