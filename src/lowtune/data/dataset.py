@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lowtune.data import cache
 from lowtune.data.encode import assemble, plan_batch, truncate
@@ -83,6 +83,18 @@ class TrainData:
 BATCH = 256  # conversations per tokenizer call
 
 
+def in_batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of `size` items (the last one shorter), without reading ahead."""
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def iter_sources(paths: list[str], fmt: str, system: str | None, report: ReadReport) -> Iterator[list[dict]]:
     """Every conversation of every source, with the default system prompt added where missing."""
     for path in paths:
@@ -97,22 +109,12 @@ def encode_stream(conversations: Iterator[list[dict]], tokenizer: PreTrainedToke
     The tokenizer (native code, GIL released) works on one batch in a helper thread while this thread renders the
     next one.
     """
-    def batches() -> Iterator[list[list[dict]]]:
-        batch: list[list[dict]] = []
-        for messages in conversations:
-            batch.append(messages)
-            if len(batch) == BATCH:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
-
     def tokenize(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
-        for batch in batches():
+        for batch in in_batches(conversations, BATCH):
             plans, texts = plan_batch(batch, tokenizer, template)
             job = (plans, pool.submit(tokenize, texts))
             if pending is not None:

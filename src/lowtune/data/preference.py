@@ -12,7 +12,7 @@ With data.packing, pairs are packed best-fit into rows of 2 x data.max_length to
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,7 +21,7 @@ import numpy as np
 
 from lowtune.data import cache
 from lowtune.data.collate import collate, collate_flat
-from lowtune.data.dataset import DataSummary, TrainData
+from lowtune.data.dataset import DataSummary, TrainData, in_batches
 from lowtune.data.encode import encode_many, truncate
 from lowtune.data.messages import ReadReport
 from lowtune.data.pack import plan_rows
@@ -77,17 +77,6 @@ def encode_pairs(pairs: list[dict], tokenizer: PreTrainedTokenizerBase, template
         if None not in kept:
             encoded.append(kept)
     return encoded
-
-
-def _in_batches(pairs: Iterator[dict], size: int = BATCH) -> Iterator[list[dict]]:
-    batch: list[dict] = []
-    for pair in pairs:
-        batch.append(pair)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 # --- the training data (cached) -----------------------------------------------------------------------------------
@@ -154,13 +143,13 @@ def _write_cache(folder: Path, cfg: Config, tokenizer: PreTrainedTokenizerBase,
         eval_pairs = _eval_file_pairs(data.eval, data.format, data.system)
 
     train_writer, lengths = cache.SampleWriter(folder, "train"), []
-    for batch in _in_batches(iter(train_pairs)):
+    for batch in in_batches(train_pairs, BATCH):
         encoded = encode_pairs(batch, tokenizer, template, data.max_length, summary)
         _write_pairs(train_writer, encoded, summary)
         lengths += [len(c["input_ids"]) + len(r["input_ids"]) for c, r in encoded]
     train_writer.close()
     eval_writer = cache.SampleWriter(folder, "eval")
-    for batch in _in_batches(iter(eval_pairs)):
+    for batch in in_batches(eval_pairs, BATCH):
         _write_pairs(eval_writer, encode_pairs(batch, tokenizer, template, data.max_length), None)
     eval_writer.close()
     if not lengths:
