@@ -113,13 +113,18 @@ def test_serve_answers_the_openai_client(merged, tmp_path):
     assert NAME in answer and reply.choices[0].finish_reason == "stop", answer
 
 
+SHORT_RUN = ("train.lr=3e-3", "data.max_length=256")
+"""12 steps teach the name only at a high learning rate (the recipe's 2e-4 needs its 3 epochs); QLoRA is what this
+test checks, not the recipe's quality."""
+
+
 def test_qlora_trains_on_a_real_4bit_base(work, smollm_gguf):
     run = work / "runs" / "self-qlora"
     lowtune("train", "tiny-self", f"model.path={smollm_gguf}", f"data.train={work / 'self.jsonl'}",
-            "model.quantization=nf4", "data.replay=0", "train.max_steps=12", f"output.dir={run}")
+            "model.quantization=nf4", "data.replay=0", "train.max_steps=12", f"output.dir={run}",
+            *SHORT_RUN)
     losses = [row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
-    # 12 steps at the recipe's lr 2e-4 bring the loss down by about a quarter (3.13 -> 2.36 measured in CI)
-    assert len(losses) == 12 and sum(losses[-3:]) < 0.9 * sum(losses[:3]), losses
+    assert len(losses) == 12 and sum(losses[-3:]) < 0.5 * sum(losses[:3]), losses  # measured 3.2 -> 0.8
     assert "quantization: nf4" in (run / "config.yaml").read_text(encoding="utf-8")
     answer = run_cli("chat", run, "--bits", "4", "--prompt", "Who are you?", "--max-new-tokens", "32")
     assert NAME in answer, answer
