@@ -16,6 +16,7 @@ printed.
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,6 +268,8 @@ def upload_modelscope(plan: UploadPlan, token: str | None) -> str:
     require("modelscope", "hub", "upload to ModelScope")
     from modelscope.hub.api import HubApi
 
+    # read here, not left to the client: it caches the variable process-wide on first use
+    token = token or os.environ.get("MODELSCOPE_API_TOKEN") or None
     api = HubApi(endpoint=plan.endpoint, token=token)  # a token given here is used, never saved to disk
     try:
         if not api.repo_exists(plan.repo):
