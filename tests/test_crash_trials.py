@@ -11,6 +11,7 @@ points (before the COMPLETE marker, mid-state, during pruning, Ctrl-C) are in te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -76,7 +77,8 @@ class Zygote:
         while done is None:
             done = self._read(0.01)
             if done is None and kill is not None and kill(time.time() - started):
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # it ended and was reaped between the two checks
+                    os.kill(pid, signal.SIGKILL)
                 done = self._read(60)
             assert time.time() - started < 300, "the command hangs"
         code = os.waitstatus_to_exitcode(done["status"])
