@@ -23,8 +23,10 @@ NAME = "小明"
 MIN_IDENTITY = 0.90
 """Held-out identity questions answered with the name. docs/quality.md measures the same recipe at >= 95%; the
 guard leaves room for other CPUs and library releases (one greedy answer that flips is 4% of 24 questions)."""
-MIN_RETENTION = 0.85
-"""Base model's correct factual answers the tuned model keeps (docs/quality.md: >= 90%; 0% before replay)."""
+MIN_RETENTION = 0.80
+"""Base model's correct factual answers the tuned model keeps: docs/quality.md measures 85-90% for this recipe
+(86.5% on this path, CPU) and 0% for the settings before replay; ~74 known facts carry about ±4 points of noise
+between machines, so the guard sits below the measured range and still catches forgetting."""
 MEDQA = Path(__file__).parents[1] / "data" / "MedInfo2019-QA-Medications.xlsx"
 MEDQA_SYSTEM = ("You are a professional, highly experienced doctor professor. You always provide accurate, "
                 "comprehensive, and detailed answers based on the patients' questions.")
