@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fakes.runs import micro_run_config
 
 TRIALS = 24
 OUTPUT_TRIALS = 8
@@ -100,19 +101,8 @@ def zygote():
 
 
 def write_setup(tmp_path: Path, out: str) -> Path:
-    rows = [{"messages": [{"role": "user", "content": f"question {i}?"},
-                          {"role": "assistant", "content": f"Answer number {i} from Lumi."}]} for i in range(12)]
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    cfg = {"model": {"path": "builtin:micro", "quantization": "none"},
-           "data": {"train": str(data), "max_length": 48, "packing": False},
-           "lora": {"r": 4, "alpha": 8, "dropout": 0.1},  # dropout: the resumed RNG state must match too
-           "train": {"max_steps": TOTAL, "batch_size": 2, "grad_accum": 1, "lr": 3.0e-3, "save_every": 1,
-                     "save_limit": 2, "log_every": 1},
-           "eval": {"every": 100, "prompts": []}, "log": {"to": []}, "output": {"dir": str(tmp_path / out)}}
-    path = tmp_path / f"{out}.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
+    # dropout: the resumed RNG state must match too
+    return micro_run_config(tmp_path, out, 12, {"max_steps": TOTAL, "save_every": 1})
 
 
 def step_rows(run: Path) -> list[dict]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from fakes.runs import micro_run_config
 from safetensors.torch import load_file
 
 from lowtune.cli import main
@@ -21,19 +21,8 @@ TOTAL = 8
 
 
 def write_config(tmp_path: Path) -> Path:
-    rows = [{"messages": [{"role": "user", "content": f"question {i}?"},
-                          {"role": "assistant", "content": f"Answer {i} from Lumi."}]} for i in range(8)]
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    cfg = {"model": {"path": "builtin:micro", "quantization": "none"},
-           "data": {"train": str(data), "max_length": 48, "packing": False},
-           "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-           "train": {"max_steps": TOTAL, "batch_size": 2, "grad_accum": 1, "lr": 3.0e-3, "save_every": 2,
-                     "save_limit": 2, "log_every": 1},
-           "eval": {"every": 100, "prompts": []}, "log": {"to": []}, "output": {"dir": str(tmp_path / "run")}}
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
+    return micro_run_config(tmp_path, "run", 8, {"max_steps": TOTAL, "save_every": 2}, config_name="cfg.yaml",
+                            answer="Answer {i} from Lumi.", lora={"dropout": 0.0})
 
 
 def fail_at(monkeypatch: pytest.MonkeyPatch, step: int, fault) -> None:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from fakes.runs import micro_run_config
 
 from lowtune.config import load_config
 from lowtune.train import train
@@ -49,23 +49,10 @@ sys.exit(main(sys.argv[2:]))
 
 
 def write_setup(tmp_path: Path, out: str) -> Path:
-    rows = [{"messages": [{"role": "user", "content": f"question {i}?"},
-                          {"role": "assistant", "content": f"Answer number {i} from Lumi."}]} for i in range(16)]
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    cfg = {
-        "model": {"path": "builtin:micro", "quantization": "none"},
-        "data": {"train": str(data), "max_length": 64, "packing": False, "eval": 0.25},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},  # dropout: resumed RNG state must match too
-        "train": {"max_steps": TOTAL, "batch_size": 2, "grad_accum": 2, "lr": 3.0e-3, "save_every": 2,
-                  "save_limit": 2, "log_every": 1},
-        "eval": {"every": 8, "prompts": ["question 1?"], "max_new_tokens": 3},
-        "log": {"to": []},
-        "output": {"dir": str(tmp_path / out)},
-    }
-    path = tmp_path / f"{out}.yaml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
+    # dropout: resumed RNG state must match too
+    return micro_run_config(tmp_path, out, 16, {"max_steps": TOTAL, "grad_accum": 2, "save_every": 2},
+                            data={"max_length": 64, "eval": 0.25},
+                            eval={"every": 8, "prompts": ["question 1?"], "max_new_tokens": 3})
 
 
 def start(config: Path, mode: str = "none", resume: bool = True) -> subprocess.Popen:
