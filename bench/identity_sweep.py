@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from real_model import lowtune
 
 NAME = "小明"
 SETTINGS = {
@@ -34,10 +33,6 @@ SETTINGS = {
 }
 
 
-def lowtune(*args: str, cwd: Path) -> None:
-    subprocess.run([sys.executable, "-m", "lowtune.cli", *args], cwd=cwd, check=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("gguf")
@@ -47,15 +42,14 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every row")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    lowtune("data", "identity", "--name", NAME, "--lang", "both", "-o", "self.jsonl", cwd=args.work)
+    log: list[str] = []
+    lowtune("data", "identity", "--name", NAME, "--lang", "both", "-o", "self.jsonl", cwd=args.work, log=log)
     names = args.only.split(",") if args.only else list(SETTINGS)
     for name in names:
         run = f"runs/{name}"
-        started = time.perf_counter()
-        lowtune("train", "tiny-self", f"model.path={Path(args.gguf).resolve()}", "data.train=self.jsonl",
-                f"output.dir={run}", *SETTINGS[name], *args.extra, cwd=args.work)
-        seconds = time.perf_counter() - started
-        lowtune("eval", run, "--identity", NAME, "--retention", cwd=args.work)
+        seconds = lowtune("train", "tiny-self", f"model.path={Path(args.gguf).resolve()}", "data.train=self.jsonl",
+                          f"output.dir={run}", *SETTINGS[name], *args.extra, cwd=args.work, log=log)
+        lowtune("eval", run, "--identity", NAME, "--retention", cwd=args.work, log=log)
         report = json.loads((args.work / run / "eval.json").read_text(encoding="utf-8"))
         row = {"name": name, "settings": SETTINGS[name] + args.extra, "train_s": round(seconds, 1),
                "identity": report["metrics"]["identity_hit_rate"], "retention": report["metrics"].get("retention"),
