@@ -23,6 +23,9 @@ Issue 18 (L8_DIR, default /dev/shm/llama31_8b_random: Llama-3.1-8B shape, 128,25
              CARD names the card in the measured-peak records it writes); markdown table
   longest    longest QLoRA r32 batch-1 row under caps of 8/24/80 GiB (LONGEST_CAPS, _LO, _HI, _TRIES, _STEP)
   tilecheck  first-step loss of one long row with and without the tiled MLP (TILE_SEQ)
+
+Issue 17: dpo  QLoRA DPO r16 at 2048 tokens per side beside TRL's DPOTrainer (bench/trl_dpo.py; needs trl and
+datasets), whole GPU, and lowtune under the 8 GiB cap (DPO_PAIRS pairs per optimizer step, default 8)
   table F.json ...  the tables of saved rows (several calls)
 """
 
@@ -353,6 +356,63 @@ def case_g(results: list) -> None:
               f"lowtune {mine['losses'][::10]} "
               f"HF {theirs['losses'][::10]}; grad norms > 0: {min(mine['grad_norms']) > 0}", flush=True)
 
+# ---- issue 17: DPO beside TRL's DPOTrainer ------------------------------------------------------------------
+
+DPO_PAIRS = int(os.environ.get("DPO_PAIRS", 8))
+"""Pairs per optimizer step in the `dpo` case (both sides of each at about SEQ tokens)."""
+
+
+def write_pairs(path: str, count: int, side: int) -> str:
+    """Preference pairs in TRL's standard form (plain strings), each side (prompt + answer + EOS) about `side`
+    tokens: a prompt of side / 2 words and two different answers of side / 2 - 16 words (room for the chat
+    template lowtune renders around them)."""
+    rng = random.Random(count)
+    words = lambda n: " ".join(f"w{rng.randrange(3, VOCAB)}" for _ in range(n))  # noqa: E731
+    with open(path, "w", encoding="utf-8") as out:
+        for _ in range(count):
+            out.write(json.dumps({"prompt": words(side // 2), "chosen": words(side // 2 - 16),
+                                  "rejected": words(side // 2 - 16)}) + "\n")
+    return path
+
+
+def trl_dpo(pairs: str, micro: int, ckpt: bool, cap: float = 0) -> dict:
+    if SMALL and not os.environ.get("TRL_ON_CPU"):
+        return {"name": "TRL DPOTrainer", "error": "skipped (SMALL=1 checks lowtune's side only)"}
+    env = {"MODEL_DIR": MODEL_DIR, "BS": str(micro), "ACCUM": str(max(1, DPO_PAIRS // micro)),
+           "GC": "1" if ckpt else "0", "MAX_LENGTH": str(SEQ), "WORK": WORK, "QUANT": "none" if SMALL else "nf4",
+           "STEPS": str(STEPS - 1)}
+    trl_site = os.environ.get("TRL_SITE", os.path.join(ROOT, ".whl", "trlsite"))
+    if os.path.isdir(trl_site):  # trl and datasets only for this subprocess: lowtune's runs never see them
+        env["PYTHONPATH"] = trl_site + os.pathsep + os.environ.get("PYTHONPATH", "")
+    if cap:
+        env["CAP_GIB"] = str(cap)
+    code, text = run([sys.executable, os.path.join(HERE, "trl_dpo.py"), pairs], env, timeout=540)
+    lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
+    name = f"TRL DPOTrainer bs{micro}{' ckpt' if ckpt else ''}" + (f" cap {cap:g} GiB" if cap else "")
+    if not lines:
+        oom = "OutOfMemoryError" in text or "out of memory" in text
+        return {"name": name, "error": "OOM" if oom else text[-2500:]}
+    return {**json.loads(lines[-1][7:]), "name": name, "seq": 2 * SEQ}
+
+
+def case_dpo(results: list) -> None:
+    """QLoRA DPO (r16, the shipped DPO recipe's LoRA) of the 7B shape at SEQ tokens per side, DPO_PAIRS pairs per
+    step: TRL's DPOTrainer as users run it (one pair per micro-batch, checkpointing), lowtune on the whole GPU and
+    under the 8 GiB cap, and TRL tuned to lowtune's micro-batch and checkpointing."""
+    pairs = write_pairs(os.path.join(WORK, "pairs.jsonl"), DPO_PAIRS * (STEPS + 1), SEQ)
+    dpo = ["train.method=dpo", "train.beta=0.1", "data.format=pairs", "train.lr=5e-6", "lora.alpha=32",
+           "lora.dropout=0.05"]
+    results.append(dict(case="dpo", **trl_dpo(pairs, 1, True)))
+    mine = lowtune("dpo_qlora", pairs, dpo, rows=DPO_PAIRS, lora_r=16)
+    results.append(dict(case="dpo", **mine))
+    results.append(dict(case="dpo", **lowtune("dpo_qlora_8gib", pairs, dpo, cap=CAP, rows=DPO_PAIRS, lora_r=16,
+                                              steps=3)))
+    if "tok_per_s" in mine:
+        micro, ckpt = plan_numbers(mine.get("plan", ""))
+        if (micro, ckpt) != (1, True):
+            results.append(dict(case="dpo", **trl_dpo(pairs, micro, ckpt)))
+
+
 # ---- issue 18: Llama-3.1-8B shape, the plan sweep, the longest row --------------------------------------------
 
 L8_ROWS = os.path.join(WORK, "l8_rows.jsonl")
@@ -560,7 +620,7 @@ def case_tilecheck(results: list) -> None:
 
 CASES = {"a": case_a, "b": case_b, "c": case_c, "d": case_d, "e": case_e, "b*": case_b_variants, "g": case_g,
          "p": case_p, "q": case_q, "r": case_r, "m": case_m, "l8a": case_l8a, "l8b": case_l8b, "l8c": case_l8c,
-         "l8d": case_l8d, "sweep": case_sweep, "longest": case_longest, "tilecheck": case_tilecheck}
+         "l8d": case_l8d, "sweep": case_sweep, "longest": case_longest, "tilecheck": case_tilecheck, "dpo": case_dpo}
 
 
 def table(results: list) -> str:
