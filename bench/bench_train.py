@@ -86,8 +86,12 @@ def make_model_dir(model_dir: str = MODEL_DIR, vocab_size: int = VOCAB, shape: d
     shape = shape or (dict(hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4)
                       if SMALL else dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                          num_attention_heads=32))
+    # no pad_token_id: it would zero the embedding row of id 0, which is also <unk>, the id of every template word
+    # this tokenizer lacks; a sequence starting with it keeps a zero residual through all layers and its gradient
+    # overflows (bench/RESULTS.md, "Preference tuning"). INIT_RANGE: the weights' init std (transformers: 0.02).
     cfg = LlamaConfig(vocab_size=vocab_size, max_position_embeddings=1 << 20, rms_norm_eps=1e-5,
-                      bos_token_id=None, eos_token_id=2, pad_token_id=0, **shape)
+                      initializer_range=float(os.environ.get("INIT_RANGE", 0.02)),
+                      bos_token_id=None, eos_token_id=2, **shape)
     device = "cpu" if SMALL else "cuda"
     torch.set_default_dtype(torch.float32 if SMALL else torch.bfloat16)
     with torch.device(device):
@@ -211,6 +215,9 @@ def lowtune(name: str, data: str, overrides: list[str], cap: float = 0, seq: int
     rows_ = [json.loads(ln) for ln in open(metrics_path)] if os.path.exists(metrics_path) else []
     steps_ = [r for r in rows_ if "loss" in r]
     if code != 0 or len(steps_) < min(2, steps):
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], f"{name}.log"), "w") as fh:
+                fh.write(text)
         oom = "OutOfMemoryError" in text or "out of memory" in text
         return {"name": f"lowtune {name}", "error": "OOM" if oom else text[-2500:], "plan": plan}
     timed = steps_[1:] or steps_  # one step (long rows): its time includes compiling the layers
@@ -630,7 +637,8 @@ def table(results: list) -> str:
             lines.append(f"{r['case']:<4} {r['name']:<34} {'-':>8} {'-':>6} {'-':>9}  {r['error'][:60]!r}")
             continue
         mfu = r["tok_per_s"] * r.get("flops_tok", flops_per_token(r.get("seq", SEQ))) / 790e12
-        notes = f"loss {r['losses'][0]}->{r['losses'][-1]}, grad norm {r['grad_norms'][-1]}"
+        notes = f"loss {r['losses'][0]}->{r['losses'][-1]}" + (f", grad norm {r['grad_norms'][-1]}"
+                                                                if r.get("grad_norms") else "")
         lines.append(f"{r['case']:<4} {r['name']:<34} {r['tok_per_s']:>8.0f} {100 * mfu:>5.1f}% "
                      f"{r['peak_gib']:>9.2f}  {notes}")
         if r.get("plan"):
@@ -675,8 +683,8 @@ def main() -> None:
     for case in cases:
         print(f"case {case}", flush=True)
         CASES[case](results)
-        print(table([r for r in results if r["case"] == case]), flush=True)
         save(results, stamp)
+        print(table([r for r in results if r["case"] == case]), flush=True)
     print(table(results))
 
 

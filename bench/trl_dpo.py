@@ -89,6 +89,7 @@ def main(pairs_path: str) -> None:
     model = load_model()
     step_times: list[float] = []
     losses: list[float] = []
+    grad_norms: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
@@ -104,6 +105,7 @@ def main(pairs_path: str) -> None:
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
                 losses.append(round(float(logs["loss"]), 4))
+                grad_norms.append(round(float(logs.get("grad_norm", float("nan"))), 4))
 
     args = DPOConfig(
         output_dir=os.path.join(os.environ.get("WORK", "/tmp"), "trl_dpo_out"), per_device_train_batch_size=BS,
@@ -121,7 +123,7 @@ def main(pairs_path: str) -> None:
                   cap_gib=CAP_GIB or None, tok_per_s=round(tokens / sum(timed), 1),
                   step_s=round(sorted(timed)[len(timed) // 2], 3),
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-                  tokens_per_pair=per_pair[0], losses=losses)
+                  tokens_per_pair=per_pair[0], losses=losses, grad_norms=grad_norms)
     print("RESULT " + json.dumps(result), flush=True)
 
 
