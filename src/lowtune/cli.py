@@ -511,12 +511,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = data_verb("preview", cmd_data_preview, "rendered samples with trained spans marked, and length statistics")
     d.add_argument("source", metavar="FILE|CONFIG", help="dataset file, config YAML or recipe name")
-    d.add_argument("--model", metavar="M", help="tokenizer source: folder, hub id or builtin:tiny (default: "
-                                                "the config's model, else builtin:tiny)")
-    d.add_argument("--template", metavar="T", help="chat template name or .jinja file (default auto)")
     d.add_argument("-n", type=int, default=2, help="conversations to show (default 2; each side of a preference "
                                                    "pair counts as one)")
     d.add_argument("--max-length", type=int, metavar="L", help="truncation length to check (default: config's / 2048)")
+    d.add_argument("--model", metavar="M", help="tokenizer source: folder, hub id or builtin:tiny (default: "
+                                                "the config's model, else builtin:tiny)")
+    d.add_argument("--template", metavar="T", help="chat template name or .jinja file (default auto)")
     d.add_argument("--no-color", action="store_true", help="markers instead of colour even on a terminal")
     return parser
 
