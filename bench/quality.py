@@ -53,6 +53,8 @@ def self_cognition(work: Path, model: Path, label: str, log: list[str]) -> dict:
 
 
 NOTES = ROOT / "docs" / "quality-runs" / "NOTES.md"
+DPO_PAGE = ROOT / "docs" / "quality-dpo.md"
+"""Written by bench/dpo_quality.py; its body becomes the preference-tuning section of docs/quality.md."""
 """What the rows show, written by whoever ran them; rendered under the self-cognition table."""
 MEDQA_QUICK = {"train": ["train.epochs=1"], "eval": ["-n", "20"]}
 """--quick-medqa: one epoch and 20 scored answers, no retention (about 25 minutes on 2 CPU cores, not 2 hours)."""
@@ -99,6 +101,16 @@ def medqa_table(m: dict) -> list[str]:
             f"Training took {m['train_s'] / 60:.1f} minutes."]
 
 
+def dpo_section() -> list[str]:
+    """docs/quality-dpo.md (bench/dpo_quality.py) one heading level down, or how to measure it."""
+    if not DPO_PAGE.is_file():
+        return ["## Preference tuning (DPO)", "", "Not measured yet: `python bench/dpo_quality.py`.", ""]
+    body = DPO_PAGE.read_text(encoding="utf-8").strip().splitlines()
+    title = body[0].lstrip("# ") if body and body[0].startswith("# ") else "Preference tuning (DPO)"
+    rest = [("#" + line) if line.startswith("#") else line for line in body[1:]]
+    return [f"## {title}", *rest, ""]
+
+
 def render(self_rows: list[dict], medqa_rows: list[dict]) -> str:
     """docs/quality.md from the rows measured so far (each row says where and when it ran)."""
     lines = ["# Quality on a real model", "",
@@ -127,6 +139,7 @@ def render(self_rows: list[dict], medqa_rows: list[dict]) -> str:
     if not medqa_rows:
         lines += ["Not measured yet: `python bench/quality.py --parts medqa` (about 2 hours on 2 CPU cores; "
                   "`--quick-medqa`: one epoch, 20 scored answers).", ""]
+    lines += dpo_section()
     lines += ["## Commands run", "", "```"]
     lines += list(dict.fromkeys(re.sub(r"model\.path=\S+\.gguf", "model.path=<gguf>", line)
                                 for row in self_rows + medqa_rows for line in row["commands"]))
