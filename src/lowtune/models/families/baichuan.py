@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from lowtune.models.families.base import Family, qkv_entries
+from lowtune.models.families.base import Family, llama_config, qkv_entries
 from lowtune.models.families.internlm import write_spm_tokenizer
 
 BAICHUAN2_VOCAB = 125696
@@ -50,20 +50,8 @@ class Baichuan(Family):
         return None
 
     def native_config(self, config: dict, folder: Path) -> Any:
-        from transformers import LlamaConfig
-
-        heads = config["num_attention_heads"]
-        return LlamaConfig(
-            vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
-            intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
-            num_attention_heads=heads, num_key_value_heads=heads, hidden_act=config.get("hidden_act", "silu"),
-            max_position_embeddings=config.get("max_position_embeddings", 4096),
-            rms_norm_eps=config.get("rms_norm_eps", 1e-6), initializer_range=config.get("initializer_range", 0.02),
-            attention_bias=False, mlp_bias=False, tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            bos_token_id=config.get("bos_token_id", 1), eos_token_id=config.get("eos_token_id", 2),
-            pad_token_id=config.get("pad_token_id", 0),
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-            dtype=config.get("torch_dtype"), architectures=["LlamaForCausalLM"])
+        return llama_config(config, {"rope_type": "default", "rope_theta": 10000.0}, attention_bias=False,
+                            max_positions=4096)
 
     def marker(self, config: dict, folder: Path) -> str:
         return "baichuan2" if has_norm_head(config, folder) else "baichuan"

@@ -70,8 +70,9 @@ WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
-def llama_config(config: dict, rope_parameters: dict, attention_bias: bool) -> Any:
-    """A native LlamaConfig from a Llama-shaped remote-code config (InternLM v1, InternLM2)."""
+def llama_config(config: dict, rope_parameters: dict, attention_bias: bool, max_positions: int = 2048) -> Any:
+    """A native LlamaConfig from a Llama-shaped remote-code config (InternLM v1, InternLM2, Baichuan);
+    `max_positions` where the config names none."""
     from transformers import LlamaConfig
 
     heads = config["num_attention_heads"]
@@ -79,7 +80,8 @@ def llama_config(config: dict, rope_parameters: dict, attention_bias: bool) -> A
         vocab_size=config["vocab_size"], hidden_size=config["hidden_size"],
         intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
         num_attention_heads=heads, num_key_value_heads=config.get("num_key_value_heads") or heads,
-        hidden_act=config.get("hidden_act", "silu"), max_position_embeddings=config.get("max_position_embeddings", 2048),
+        hidden_act=config.get("hidden_act", "silu"),
+        max_position_embeddings=config.get("max_position_embeddings", max_positions),
         rms_norm_eps=config.get("rms_norm_eps", 1e-6), initializer_range=config.get("initializer_range", 0.02),
         attention_bias=attention_bias, mlp_bias=False,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),

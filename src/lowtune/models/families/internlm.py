@@ -40,6 +40,8 @@ def spm_stop_ids(model_file: Path, pieces: tuple[str, ...]) -> list[int]:
 
 
 class InternLM(Family):
+    """InternLM v1 (remote code): a Llama with biased attention projections; its tensors keep Llama's names."""
+
     name = "internlm"
     model_types = ("internlm",)
 

@@ -58,6 +58,9 @@ def rope_parameters(config: dict) -> dict:
 
 
 class InternLM2(Family):
+    """InternLM2 / 2.5 (remote code): packed `wqkv` split into q/k/v per KV group, blocks renamed to Llama's,
+    GQA kept."""
+
     name = "internlm2"
     model_types = ("internlm2",)
 
