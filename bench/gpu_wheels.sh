@@ -2,7 +2,7 @@
 # Prepare .whl/site: the packages the GPU machine lacks, unpacked for PYTHONPATH (it has no network and Python 3.12).
 # Usage (repo root, here): bench/gpu_wheels.sh; then device runs with carry [".whl"] and PYTHONPATH=.whl/site:src,
 # e.g. `python3 bench/bench_train.py b,g` or `python3 -m pytest -p no:cacheprovider tests/gpu`.
-# .whl/bin/py-spy samples the host side of a run (bench_train.py case q).
+# .whl/bin/py-spy samples the host side of a run (bench_train.py case q); .whl/trlsite holds TRL (case dpo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
@@ -22,4 +22,10 @@ done
 # bitsandbytes ships a library per CUDA release; the GPU machine runs CUDA 13.0 (keeps the tree under 64 MiB)
 find .whl/site/bitsandbytes -name 'libbitsandbytes_*.so' ! -name '*cuda130*' ! -name '*cpu*' -delete
 rm -f .whl/*.whl
-du -sh .whl/site
+# TRL for the DPO bench (bench/trl_dpo.py), apart so lowtune's own runs never import it; the machine has pyarrow,
+# pandas and xxhash
+mkdir -p .whl/trl && python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl/trl \
+  trl==1.16.0 datasets==5.2.0 dill==0.3.8 multiprocess==0.70.19
+for wheel in .whl/trl/*.whl; do (cd .whl && mkdir -p trlsite && cd trlsite && unzip -q -o "../trl/$(basename "$wheel")"); done
+rm -rf .whl/trl
+du -sh .whl/site .whl/trlsite
