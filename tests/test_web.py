@@ -232,7 +232,8 @@ def open_slow_clients(port: int) -> tuple[list[socket.socket], socket.socket]:
         heads.append(sock)
     body = b'{"data": ["hi"], "fn_index": 0, "session_hash": "slow"}'
     slow_body = socket.create_connection(("127.0.0.1", port), timeout=30)
-    slow_body.sendall(b"POST /gradio_api/queue/join HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    slow_body.sendall(b"POST /gradio_api/queue/join HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                      b"Content-Type: application/json\r\n"
                       b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:-20])
     return heads, slow_body
 
@@ -328,3 +329,10 @@ def test_64_concurrent_chats_through_the_queue_all_answered(web_page):
     p50, p99 = statistics.median(latencies), statistics.quantiles(latencies, n=100)[98]
     print(f"\n64 concurrent chats through the queue (8 tokens each): {64 / wall:.1f} requests/s, wall {wall:.2f}s, "
           f"latency p50 {p50:.2f}s p99 {p99:.2f}s max {latencies[-1]:.2f}s")
+
+
+def test_request_timeout_must_be_positive(capsys):
+    from lowtune.cli import main
+
+    assert main(["web", "builtin:micro", "--port", str(free_port()), "--request-timeout", "0"]) == 2
+    assert "--request-timeout 0 must be more than 0 seconds" in capsys.readouterr().err
