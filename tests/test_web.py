@@ -1,12 +1,22 @@
 """`lowtune web` in a real browser: headless Chromium (Debian's package) driven by Playwright opens the page,
-sends a message and watches the answer stream in; a screenshot is kept in tests/artifacts/."""
+sends a message and watches the answer stream in; a screenshot is kept in tests/artifacts/. Then hostile and many
+clients: malformed queue requests, slow clients (with a control that shows the probe failing without the deadline),
+64 concurrent chats through Gradio's queue."""
 
 from __future__ import annotations
 
+import contextlib
 import getpass
+import json
 import os
 import re
+import selectors
+import socket
+import statistics
 import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -21,6 +31,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 QUESTION = "Who are you?"
 MAX_NEW = 96
+REQUEST_TIMEOUT = 2  # seconds a client has for its request head and body (slowloris bound; default 10)
+SLACK = 3
 
 
 def test_address_flags_then_gradio_variables_then_loopback(monkeypatch):
@@ -65,7 +77,8 @@ def web_page(tmp_path_factory, micro_dir):
     env = {**os.environ, "GRADIO_SERVER_PORT": str(port)}
     env.pop("GRADIO_SERVER_NAME", None)
     url = f"http://127.0.0.1:{port}"
-    with running([sys.executable, "-m", "lowtune.cli", "web", "builtin:micro"], url, log, env):
+    command = [sys.executable, "-m", "lowtune.cli", "web", "builtin:micro", "--request-timeout", str(REQUEST_TIMEOUT)]
+    with running(command, url, log, env):
         yield {"url": url, "port": port, "log": log}
 
 
@@ -160,8 +173,6 @@ def letters(text: str) -> str:
 
 def listening_on(port: int) -> list[str]:
     """Addresses with a LISTEN socket on `port` (/proc/net/tcp and tcp6; IPv6 as hex)."""
-    import socket
-
     found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:] if Path(table).exists() else []:
@@ -183,3 +194,145 @@ def test_malformed_requests_are_refused_and_the_page_keeps_serving(web_page, bod
                           headers={"Content-Type": "application/json"}, timeout=30)
     assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
     assert httpx.get(web_page["url"], timeout=30).status_code == 200
+
+
+def chat_endpoint(url: str) -> int:
+    """fn_index of the page's public `chat` endpoint (message, history, system, temperature, top-p, max new)."""
+    import httpx
+
+    config = httpx.get(f"{url}/config", timeout=30).json()
+    return next(d["id"] for d in config["dependencies"] if d.get("api_name") == "chat")
+
+
+def ask(url: str, fn_index: int, message: str, max_new: int = 8) -> tuple[float, str]:
+    """One chat through Gradio's queue, as the page does it: join, then read the session's event stream."""
+    import httpx
+
+    session = uuid.uuid4().hex[:12]
+    started = time.perf_counter()
+    with httpx.Client(base_url=url, timeout=300) as http:
+        joined = http.post("/gradio_api/queue/join", json={"data": [message, [], "", 0.7, 0.8, max_new],
+                                                           "fn_index": fn_index, "session_hash": session})
+        assert joined.status_code == 200, joined.text
+        with http.stream("GET", "/gradio_api/queue/data", params={"session_hash": session}) as events:
+            for line in events.iter_lines():
+                event = json.loads(line[5:]) if line.startswith("data:") else {}
+                if event.get("msg") == "process_completed":
+                    assert event["success"], event
+                    return time.perf_counter() - started, event["output"]["data"][0]
+    raise AssertionError(f"the queue stream for {message!r} ended without an answer")
+
+
+def open_slow_clients(port: int) -> tuple[list[socket.socket], socket.socket]:
+    """100 connections that send part of a request head, and one that sends a whole head and part of its body."""
+    heads = []
+    for _ in range(100):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        heads.append(sock)
+    body = b'{"data": ["hi"], "fn_index": 0, "session_hash": "slow"}'
+    slow_body = socket.create_connection(("127.0.0.1", port), timeout=30)
+    slow_body.sendall(b"POST /gradio_api/queue/join HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                      b"Content-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body[:-20])
+    return heads, slow_body
+
+
+def closed_by(deadline: float, heads: list[socket.socket], slow_body: socket.socket) -> tuple[int, bytes]:
+    """How many head connections the server closed by `deadline`, and what it sent the body one (all closed after).
+
+    One select over every socket: waiting on them one by one costs a scheduler wake-up each on a busy machine.
+    """
+    received = {sock: b"" for sock in [*heads, slow_body]}
+    ended: set[socket.socket] = set()
+    with selectors.DefaultSelector() as selector:
+        for sock in received:
+            selector.register(sock, selectors.EVENT_READ)
+        while len(ended) < len(received) and (left := deadline - time.perf_counter()) > 0:
+            for key, _ in selector.select(left):
+                try:
+                    data = key.fileobj.recv(65536)
+                except ConnectionResetError:
+                    data = b""
+                received[key.fileobj] += data
+                if not data:
+                    ended.add(key.fileobj)
+                    selector.unregister(key.fileobj)
+    for sock in received:
+        sock.close()
+    return sum(sock in ended for sock in heads), received[slow_body]
+
+
+def test_slow_clients_are_cut_off_while_the_page_is_served(web_page):
+    """slowloris: 100 connections trickle a request head and one its body; the page and the chat keep answering."""
+    import httpx
+
+    fn_index = chat_endpoint(web_page["url"])
+    ask(web_page["url"], fn_index, QUESTION)  # warm-up
+    started = time.perf_counter()
+    heads, slow_body = open_slow_clients(web_page["port"])
+    assert httpx.get(web_page["url"], timeout=30).status_code == 200
+    with contextlib.suppress(OSError):
+        for sock in heads[:10]:
+            sock.sendall(b"X-Slow: 1\r\n")  # still trickling: the deadline is for the whole head
+    seconds, answer = ask(web_page["url"], fn_index, QUESTION)
+    assert answer and seconds < 30  # not held up by the 101 slow connections
+    closed, reply = closed_by(started + REQUEST_TIMEOUT + SLACK, heads, slow_body)
+    cut_off = time.perf_counter() - started
+    status = reply.split(b"\r\n")[0]
+    print(f"\n{closed}/100 slow heads closed and the slow body answered {status!r} {cut_off:.2f}s after they "
+          f"connected (deadline {REQUEST_TIMEOUT}s)")
+    assert closed == 100 and b" 408 " in status, reply[:200]
+    assert cut_off < REQUEST_TIMEOUT + SLACK + 1
+    assert httpx.get(web_page["url"], timeout=30).status_code == 200
+
+
+PLAIN_UVICORN = """
+import sys
+import uvicorn
+
+async def app(scope, receive, send):  # reads the whole body, then answers
+    if scope["type"] != "http":
+        return
+    while (await receive()).get("more_body"):
+        pass
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+
+
+def test_the_slow_client_probe_fails_without_a_deadline(tmp_path):
+    """Control: uvicorn configured as Gradio's own `launch()` configures it (gradio.http_server.start_server: app,
+    host, port, log level) keeps every slow connection open past the deadline, so the test above can fail."""
+    port = free_port()
+    command = [sys.executable, "-c", PLAIN_UVICORN, str(port)]
+    with running(command, f"http://127.0.0.1:{port}/", tmp_path / "uvicorn.log", dict(os.environ)):
+        started = time.perf_counter()
+        heads, slow_body = open_slow_clients(port)
+        closed, reply = closed_by(started + REQUEST_TIMEOUT + SLACK, heads, slow_body)
+    assert closed == 0 and reply == b""
+
+
+def test_64_concurrent_chats_through_the_queue_all_answered(web_page):
+    """Load test: 64 clients join Gradio's queue at once (8 new tokens each); the queue runs one at a time."""
+    url = web_page["url"]
+    fn_index = chat_endpoint(url)
+    ask(url, fn_index, QUESTION)  # warm-up
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        results = list(pool.map(lambda i: ask(url, fn_index, f"Question number {i}?"), range(64)))
+    wall = time.perf_counter() - started
+    latencies = sorted(seconds for seconds, _ in results)
+    assert len(results) == 64 and all(answer for _, answer in results)
+    p50, p99 = statistics.median(latencies), statistics.quantiles(latencies, n=100)[98]
+    print(f"\n64 concurrent chats through the queue (8 tokens each): {64 / wall:.1f} requests/s, wall {wall:.2f}s, "
+          f"latency p50 {p50:.2f}s p99 {p99:.2f}s max {latencies[-1]:.2f}s")
+
+
+def test_request_timeout_must_be_positive(capsys):
+    from lowtune.cli import main
+
+    assert main(["web", "builtin:micro", "--port", str(free_port()), "--request-timeout", "0"]) == 2
+    assert "--request-timeout 0 must be more than 0 seconds" in capsys.readouterr().err

@@ -197,8 +197,14 @@ def cmd_web(args: argparse.Namespace) -> int:
 
     host, port = resolve_address(args.host, args.port)
     check_port(host, port)  # before the model loads
-    run_web(_engine_for(args), host, port)
+    check_request_timeout(args.request_timeout)
+    run_web(_engine_for(args), host, port, args.request_timeout)
     return 0
+
+
+def check_request_timeout(seconds: float) -> None:
+    if not seconds > 0:
+        raise UserError(f"--request-timeout {seconds:g} must be more than 0 seconds")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -206,8 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     key = resolve_api_key(args.api_key)
     check_port(args.host, args.port)
-    if not args.request_timeout > 0:
-        raise UserError(f"--request-timeout {args.request_timeout:g} must be more than 0 seconds")
+    check_request_timeout(args.request_timeout)
     serve(_engine_for(args), host=args.host, port=args.port, api_key=key,
           limits=Limits(request_seconds=args.request_timeout))
     return 0
@@ -428,6 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="MODEL|RUN", help="run folder, adapter folder, model folder, hub id or builtin:NAME")
     p.add_argument("--host", help="address to listen on (default $GRADIO_SERVER_NAME or 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default $GRADIO_SERVER_PORT or 6006)")
+    p.add_argument("--request-timeout", type=float, default=10.0, metavar="S",
+                   help="seconds a client has to send a request's head, and again its body (default 10)")
     p.add_argument("--template", help="chat template name or .jinja file (default: the run's / the model's)")
     p.add_argument("--system", help="default system prompt (editable on the page)")
 

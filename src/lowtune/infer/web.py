@@ -5,6 +5,10 @@ temperature / top-p / max-new-tokens controls, and Gradio's chat buttons (clear,
 locally only: no share link, no analytics, nothing fetched from the internet (system fonts; Gradio's bundled
 front end). Address: `--host/--port`, else `$GRADIO_SERVER_NAME/$GRADIO_SERVER_PORT`, else 127.0.0.1:6006; the
 `ssh -L` line that reaches it from a laptop is printed at start.
+
+Gradio's app is mounted on our own uvicorn server with `serve`'s slow-client bounds: a client has
+`--request-timeout` seconds for each request head and again for its body, then its connection is closed (408 for a
+body), so a few trickling connections cannot hold the page's sockets.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from lowtune.errors import UserError, require
 from lowtune.generation import Sampling
 from lowtune.infer.chat import Conversation, fit_context
 from lowtune.infer.engine import ChatEngine
-from lowtune.infer.serve import check_port
+from lowtune.infer.serve import Gate, Limits, check_port, deadline_protocol
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -28,6 +32,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 6006
 SYSTEM_FONTS = ("ui-sans-serif", "system-ui", "sans-serif")
 MONO_FONTS = ("ui-monospace", "monospace")
+WEB_BODY_BYTES = 16 << 20
+"""Each queue request carries the whole chat history (3 bytes a character of CJK text in JSON)."""
 
 
 def resolve_address(host: str | None, port: int | None) -> tuple[str, int]:
@@ -106,7 +112,7 @@ def build_page(engine: ChatEngine) -> gr.Blocks:
                 system = gr.Textbox(value=engine.default_system or "", label="System prompt", lines=4)
                 temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
                 top_p = gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="Top-p")
-                max_new = gr.Slider(16, _max_new_limit(engine), value=min(512, _max_new_limit(engine)), step=16,
+                max_new = gr.Slider(8, _max_new_limit(engine), value=min(512, _max_new_limit(engine)), step=8,
                                     label="Max new tokens")
             with gr.Column(scale=4):
                 chatbot = gr.Chatbot(label=engine.name, height=480, elem_id="lowtune-chat",
@@ -121,20 +127,43 @@ def _max_new_limit(engine: ChatEngine) -> int:
     return max(16, min(4096, context // 2 // 16 * 16))
 
 
-def launch(engine: ChatEngine, host: str, port: int, block: bool = True) -> Any:
-    """Start the page on host:port (no share link, no analytics); blocks until Ctrl-C unless `block` is False."""
+def create_app(engine: ChatEngine, host: str, port: int, limits: Limits | None = None) -> Gate:
+    """The page as an ASGI app: Gradio's app mounted on FastAPI, behind `serve`'s gate (body size, body deadline).
+
+    No share link, no analytics, no SSR, no MCP server, no monitoring endpoint.
+    """
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     gr = require("gradio", "web", "lowtune web")
+    fastapi = require("fastapi", "web", "lowtune web")
+    limits = limits or web_limits()
     page = build_page(engine)
-    theme = gr.themes.Default(font=list(SYSTEM_FONTS), font_mono=list(MONO_FONTS))
     page.queue(default_concurrency_limit=1)
-    page.launch(server_name=host, server_port=port, share=False, inbrowser=False, prevent_thread_lock=not block,
-                show_error=True, quiet=True, ssr_mode=False, theme=theme, mcp_server=False,
-                pwa=False, enable_monitoring=False)
-    return page
+    theme = gr.themes.Default(font=list(SYSTEM_FONTS), font_mono=list(MONO_FONTS))
+    app = fastapi.FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app = gr.mount_gradio_app(app, page, path="/", server_name=host, server_port=port, show_error=True,
+                              ssr_mode=False, theme=theme, mcp_server=False, pwa=False, enable_monitoring=False)
+    return Gate(app, limits.max_body_bytes, None, limits.request_seconds)
 
 
-def run_web(engine: ChatEngine, host: str, port: int) -> None:
+def web_limits(request_seconds: float = 10.0) -> Limits:
+    """`serve`'s limits, with room for a queue request that carries a long chat history."""
+    return Limits(max_body_bytes=WEB_BODY_BYTES, request_seconds=request_seconds)
+
+
+def launch(engine: ChatEngine, host: str, port: int, limits: Limits | None = None) -> None:
+    """Serve the page on host:port until Ctrl-C.
+
+    Gradio's own `launch()` builds a uvicorn server that waits forever for a partial request head; this one runs
+    `serve`'s uvicorn protocol, which closes a connection whose head is not in after `limits.request_seconds`.
+    """
+    uvicorn = require("uvicorn", "web", "lowtune web")
+    limits = limits or web_limits()
+    app = create_app(engine, host, port, limits)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
+                http=deadline_protocol(limits.request_seconds))
+
+
+def run_web(engine: ChatEngine, host: str, port: int, request_seconds: float = 10.0) -> None:
     """`lowtune web`: check the port, say where to look (and how to tunnel), then serve until Ctrl-C."""
     check_port(host, port)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
@@ -145,4 +174,4 @@ def run_web(engine: ChatEngine, host: str, port: int) -> None:
     else:
         print(f"listening on {host} ({socket.gethostname()}): anyone who can reach port {port} can use it",
               flush=True)
-    launch(engine, host, port, block=True)
+    launch(engine, host, port, web_limits(request_seconds))
