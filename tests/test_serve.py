@@ -5,17 +5,15 @@ from __future__ import annotations
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from fakes.loopback import free_port, running
+from fakes.loopback import concurrent_load, free_port, running
 
 KEY = "sk-lowtune-test"
 MODEL = "builtin:micro"
@@ -183,15 +181,9 @@ def test_64_concurrent_clients_all_answered(server, client):
                                                seed=i).choices[0].message.content
         return time.perf_counter() - started, text
 
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=64) as pool:
-        results = list(pool.map(one, range(64)))
-    wall = time.perf_counter() - started
-    latencies = sorted(seconds for seconds, _ in results)
+    results, figures = concurrent_load(one)
     assert len(results) == 64 and all(text for _, text in results)
-    p50, p99 = statistics.median(latencies), statistics.quantiles(latencies, n=100)[98]
-    print(f"\n64 concurrent clients (8 tokens each): {64 / wall:.1f} requests/s, wall {wall:.2f}s, latency p50 "
-          f"{p50:.2f}s p99 {p99:.2f}s max {latencies[-1]:.2f}s")
+    print(f"\n64 concurrent clients (8 tokens each): {figures}")
     health = httpx.get(f"{server['base']}/health").json()
     assert health["waiting"] == 0 and health["busy"] is False  # every lock was released
     assert client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2).choices[0].message.content

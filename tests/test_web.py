@@ -12,16 +12,14 @@ import os
 import re
 import selectors
 import socket
-import statistics
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from fakes.loopback import free_port, running
+from fakes.loopback import concurrent_load, free_port, running
 
 from lowtune.errors import UserError
 from lowtune.infer.web import resolve_address, to_conversation, tunnel_command
@@ -320,15 +318,9 @@ def test_64_concurrent_chats_through_the_queue_all_answered(web_page):
     url = web_page["url"]
     fn_index = chat_endpoint(url)
     ask(url, fn_index, QUESTION)  # warm-up
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=64) as pool:
-        results = list(pool.map(lambda i: ask(url, fn_index, f"Question number {i}?"), range(64)))
-    wall = time.perf_counter() - started
-    latencies = sorted(seconds for seconds, _ in results)
+    results, figures = concurrent_load(lambda i: ask(url, fn_index, f"Question number {i}?"))
     assert len(results) == 64 and all(answer for _, answer in results)
-    p50, p99 = statistics.median(latencies), statistics.quantiles(latencies, n=100)[98]
-    print(f"\n64 concurrent chats through the queue (8 tokens each): {64 / wall:.1f} requests/s, wall {wall:.2f}s, "
-          f"latency p50 {p50:.2f}s p99 {p99:.2f}s max {latencies[-1]:.2f}s")
+    print(f"\n64 concurrent chats through the queue (8 tokens each): {figures}")
 
 
 def test_request_timeout_must_be_positive(capsys):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import http.server
 import socket
+import statistics
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -75,3 +77,16 @@ def running(command: list[str], ready_url: str, log: Path, env: dict) -> Iterato
         yield proc
     finally:
         stop_process(proc)
+
+
+def concurrent_load(one: Callable[[int], tuple[float, str]], clients: int = 64) -> tuple[list, str]:
+    """Run `one(i)` (returns seconds taken, answer text) for every client at once; the results and a line with
+    requests/s and latency p50 / p99 / max."""
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        results = list(pool.map(one, range(clients)))
+    wall = time.perf_counter() - started
+    latencies = sorted(seconds for seconds, _ in results)
+    p50, p99 = statistics.median(latencies), statistics.quantiles(latencies, n=100)[98]
+    return results, (f"{clients / wall:.1f} requests/s, wall {wall:.2f}s, latency p50 {p50:.2f}s p99 {p99:.2f}s "
+                     f"max {latencies[-1]:.2f}s")
