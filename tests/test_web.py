@@ -31,6 +31,7 @@ QUESTION = "Who are you?"
 MAX_NEW = 96
 REQUEST_TIMEOUT = 2  # seconds a client has for its request head and body (slowloris bound; default 10)
 SLACK = 3
+LONG_ANSWER_BOUND = 20  # seconds; one whole 512-token answer took 8.4 s through the page, 20 of them ~170 s
 
 
 def test_address_flags_then_gradio_variables_then_loopback(monkeypatch):
@@ -76,8 +77,8 @@ def web_page(tmp_path_factory, micro_dir):
     env.pop("GRADIO_SERVER_NAME", None)
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "lowtune.cli", "web", "builtin:micro", "--request-timeout", str(REQUEST_TIMEOUT)]
-    with running(command, url, log, env):
-        yield {"url": url, "port": port, "log": log}
+    with running(command, url, log, env) as proc:
+        yield {"url": url, "port": port, "log": log, "pid": proc.pid}
 
 
 def test_start_message_gives_the_address_and_tunnel(web_page):
@@ -328,3 +329,58 @@ def test_request_timeout_must_be_positive(capsys):
 
     assert main(["web", "builtin:micro", "--port", str(free_port()), "--request-timeout", "0"]) == 2
     assert "--request-timeout 0 must be more than 0 seconds" in capsys.readouterr().err
+
+
+def slider_maximum(url: str, label: str) -> int:
+    import httpx
+
+    config = httpx.get(f"{url}/config", timeout=30).json()
+    return next(int(c["props"]["maximum"]) for c in config["components"]
+                if str(c.get("props", {}).get("label", "")).startswith(label))
+
+
+def drop_after_first_chunk(url: str, fn_index: int, max_new: int) -> None:
+    """Join the queue for a long answer, read the event stream until the first generated text, then hang up."""
+    import httpx
+
+    session = uuid.uuid4().hex[:12]
+    with httpx.Client(base_url=url, timeout=300) as http:
+        joined = http.post("/gradio_api/queue/join", json={"data": [QUESTION, [], "", 0.7, 0.8, max_new],
+                                                           "fn_index": fn_index, "session_hash": session})
+        assert joined.status_code == 200, joined.text
+        with http.stream("GET", "/gradio_api/queue/data", params={"session_hash": session}) as events:
+            for line in events.iter_lines():
+                if line.startswith("data:") and json.loads(line[5:]).get("msg") == "process_generating":
+                    return
+    raise AssertionError("the long answer never started streaming")
+
+
+def threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def test_disconnects_mid_stream_stop_generation_and_leak_no_thread(web_page):
+    """20 clients ask for the longest answer the slider allows and hang up after its first chunk: Gradio closes the
+    handler's generator, which stops `ChatEngine.stream`; the next chat is not queued behind 20 long answers."""
+    import httpx
+
+    url, pid = web_page["url"], web_page["pid"]
+    fn_index = chat_endpoint(url)
+    longest = slider_maximum(url, "Max new tokens")
+    assert longest == 512  # _max_new_limit for builtin:micro's 1024-token context
+    ask(url, fn_index, QUESTION)  # warm-up: thread pools started
+    before = threads(pid)
+    started = time.perf_counter()
+    for _ in range(20):
+        drop_after_first_chunk(url, fn_index, longest)
+    dropped = time.perf_counter() - started
+    seconds, answer = ask(url, fn_index, QUESTION)
+    deadline = time.monotonic() + 15
+    while threads(pid) > before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    print(f"\n20 dropped {longest}-token chats in {dropped:.2f}s; next chat answered in {seconds:.2f}s; "
+          f"threads {before} -> {threads(pid)}")
+    assert dropped < LONG_ANSWER_BOUND  # concurrency 1: each long answer must end before the next one starts
+    assert answer and seconds < LONG_ANSWER_BOUND
+    assert threads(pid) <= before
+    assert httpx.get(url, timeout=30).status_code == 200
