@@ -31,7 +31,8 @@ QUESTION = "Who are you?"
 MAX_NEW = 96
 REQUEST_TIMEOUT = 2  # seconds a client has for its request head and body (slowloris bound; default 10)
 SLACK = 3
-LONG_ANSWER_BOUND = 20  # seconds; one whole 512-token answer took 8.4 s through the page, 20 of them ~170 s
+DROPPED_BOUND = 60  # seconds for 20 dropped 512-token chats and the next one; generating them all takes ~170 s
+# (one whole 512-token answer: 8.4 s through the page); measured 2.1 s, 10.5 s on a busy machine
 
 
 def test_address_flags_then_gradio_variables_then_loopback(monkeypatch):
@@ -380,7 +381,7 @@ def test_disconnects_mid_stream_stop_generation_and_leak_no_thread(web_page):
         time.sleep(0.1)
     print(f"\n20 dropped {longest}-token chats in {dropped:.2f}s; next chat answered in {seconds:.2f}s; "
           f"threads {before} -> {threads(pid)}")
-    assert dropped < LONG_ANSWER_BOUND  # concurrency 1: each long answer must end before the next one starts
-    assert answer and seconds < LONG_ANSWER_BOUND
+    assert dropped + seconds < DROPPED_BOUND  # concurrency 1: a long answer ends before the next one starts
+    assert answer and seconds < 20
     assert threads(pid) <= before
     assert httpx.get(url, timeout=30).status_code == 200

@@ -80,7 +80,10 @@ def to_conversation(history: list, system: str | None) -> Conversation:
 
 def reply_stream(engine: ChatEngine, message: str, history: list, system: str, temperature: float, top_p: float,
                  max_new_tokens: float) -> Iterator[str]:
-    """The growing answer to `message`, for Gradio to render as it streams."""
+    """The growing answer to `message`, for Gradio to render as it streams.
+
+    When the client hangs up, Gradio closes this generator at its next chunk, which stops `engine.stream`.
+    """
     sampling = Sampling(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p))
     conversation = to_conversation(history, system)
     if not fit_context(engine, conversation, message, sampling):
