@@ -32,7 +32,7 @@ MAX_NEW = 96
 REQUEST_TIMEOUT = 2  # seconds a client has for its request head and body (slowloris bound; default 10)
 SLACK = 3
 DROPPED_BOUND = 60  # seconds for 20 dropped 512-token chats and the next one; generating them all takes ~170 s
-# (one whole 512-token answer: 8.4 s through the page); measured 2.1 s, 10.5 s on a busy machine
+# (one whole 512-token answer: 8.4 s through the page); measured 1.0-2.1 s, 10.5 s on a busy machine
 
 
 def test_address_flags_then_gradio_variables_then_loopback(monkeypatch):
