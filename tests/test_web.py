@@ -356,6 +356,11 @@ def drop_after_first_chunk(url: str, fn_index: int, max_new: int) -> None:
     raise AssertionError("the long answer never started streaming")
 
 
+IDLE_WORKERS = 2
+"""Threads the count may end above its start: anyio's worker pool (Gradio runs handlers there) parks idle workers
+and retires them only when new work comes."""
+
+
 def threads(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/task"))
 
@@ -378,11 +383,11 @@ def test_disconnects_mid_stream_stop_generation_and_leak_no_thread(web_page):
     dropped = time.perf_counter() - started
     seconds, answer = ask(url, fn_index, QUESTION)
     deadline = time.monotonic() + 15
-    while threads(pid) > before and time.monotonic() < deadline:
+    while threads(pid) > before + IDLE_WORKERS and time.monotonic() < deadline:
         time.sleep(0.1)
     print(f"\n20 dropped {longest}-token chats in {dropped:.2f}s; next chat answered in {seconds:.2f}s; "
           f"threads {before} -> {threads(pid)}")
     assert dropped + seconds < DROPPED_BOUND  # concurrency 1: a long answer ends before the next one starts
     assert answer and seconds < 20
-    assert threads(pid) <= before
+    assert threads(pid) <= before + IDLE_WORKERS  # 20 streams left running would hold 20 more
     assert httpx.get(url, timeout=30).status_code == 200
