@@ -196,6 +196,26 @@ def test_malformed_requests_are_refused_and_the_page_keeps_serving(web_page, bod
     assert httpx.get(web_page["url"], timeout=30).status_code == 200
 
 
+def test_oversized_bodies_are_413_and_the_page_keeps_serving(web_page):
+    """A queue request over the page's body cap, declared (Content-Length) or streamed in chunks, is refused."""
+    import httpx
+
+    from lowtune.infer.web import WEB_BODY_BYTES
+
+    def chunked():  # no Content-Length: the cap is enforced while the body streams in
+        yield b'{"data": ["'
+        for _ in range(WEB_BODY_BYTES // 65536 + 1):
+            yield b"y" * 65536
+        yield b'"], "fn_index": 0, "session_hash": "x"}'
+
+    url = f"{web_page['url']}/gradio_api/queue/join"
+    declared = httpx.post(url, content=b"{" + b" " * WEB_BODY_BYTES + b"}",
+                          headers={"Content-Type": "application/json"}, timeout=60)
+    streamed = httpx.post(url, content=chunked(), headers={"Content-Type": "application/json"}, timeout=60)
+    assert (declared.status_code, streamed.status_code) == (413, 413), (declared.text[:200], streamed.text[:200])
+    assert httpx.get(web_page["url"], timeout=30).status_code == 200
+
+
 def chat_endpoint(url: str) -> int:
     """fn_index of the page's public `chat` endpoint (message, history, system, temperature, top-p, max new)."""
     import httpx
