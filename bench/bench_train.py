@@ -374,7 +374,10 @@ def write_pairs(path: str, count: int, side: int) -> str:
     tokens: a prompt of side / 2 words and two different answers of side / 2 - 16 words (room for the chat
     template lowtune renders around them)."""
     rng = random.Random(count)
-    words = lambda n: " ".join(f"w{rng.randrange(3, VOCAB)}" for _ in range(n))  # noqa: E731
+
+    def words(n: int) -> str:
+        return " ".join(f"w{rng.randrange(3, VOCAB)}" for _ in range(n))
+
     with open(path, "w", encoding="utf-8") as out:
         for _ in range(count):
             out.write(json.dumps({"prompt": words(side // 2), "chosen": words(side // 2 - 16),
