@@ -23,10 +23,10 @@ Issue 18 (L8_DIR, default /dev/shm/llama31_8b_random: Llama-3.1-8B shape, 128,25
              CARD names the card in the measured-peak records it writes); markdown table
   longest    longest QLoRA r32 batch-1 row under caps of 8/24/80 GiB (LONGEST_CAPS, _LO, _HI, _TRIES, _STEP)
   tilecheck  first-step loss of one long row with and without the tiled MLP (TILE_SEQ)
+  table F.json ...  the tables of saved rows (several calls)
 
 Issue 17: dpo  QLoRA DPO r16 at 2048 tokens per side beside TRL's DPOTrainer (bench/trl_dpo.py; needs trl and
 datasets), whole GPU, and lowtune under the 8 GiB cap (DPO_PAIRS pairs per optimizer step, default 8)
-  table F.json ...  the tables of saved rows (several calls)
 """
 
 import json
@@ -136,6 +136,17 @@ def run(cmd: list[str], env: dict, timeout: int = 420) -> tuple[int, str]:
     return code, text
 
 
+def result_line(text: str) -> dict | None:
+    """The `RESULT {json}` a baseline script prints last, or None when it printed none."""
+    lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT "):]) if lines else None
+
+
+def failure(text: str, tail: int) -> str:
+    """What a failed run says: OOM, or the end of its output."""
+    return "OOM" if "OutOfMemoryError" in text or "out of memory" in text else text[-tail:]
+
+
 def baseline(variant: str, bs: int, gc: bool, cap: float = 0, lengths: str | None = None, seq: int = SEQ,
              row: str | None = None, steps: int = 6, warmup: int = 2, model_dir: str = MODEL_DIR) -> dict:
     if SMALL:
@@ -149,12 +160,10 @@ def baseline(variant: str, bs: int, gc: bool, cap: float = 0, lengths: str | Non
     if lengths:
         env["LENGTHS"] = lengths
     code, text = run([sys.executable, os.path.join(HERE, "hf_baseline.py"), variant], env)
-    lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
     name = f"HF {variant} bs{bs}{' ckpt' if gc else ''}{' padded' if lengths else ''}"
-    if not lines:
-        oom = "OutOfMemoryError" in text or "out of memory" in text
-        return {"name": name, "error": "OOM" if oom else text[-1500:]}
-    result = json.loads(lines[-1][7:])
+    result = result_line(text)
+    if result is None:
+        return {"name": name, "error": failure(text, 1500)}
     result["name"] = name + (f" cap {cap:g} GiB" if cap else "")
     result.update(seq=seq, flops_tok=model_flops_per_token(model_dir, seq))
     return result
@@ -218,8 +227,7 @@ def lowtune(name: str, data: str, overrides: list[str], cap: float = 0, seq: int
         if os.environ.get("OUT"):
             with open(os.path.join(os.environ["OUT"], f"{name}.log"), "w") as fh:
                 fh.write(text)
-        oom = "OutOfMemoryError" in text or "out of memory" in text
-        return {"name": f"lowtune {name}", "error": "OOM" if oom else text[-2500:], "plan": plan}
+        return {"name": f"lowtune {name}", "error": failure(text, 2500), "plan": plan}
     timed = steps_[1:] or steps_  # one step (long rows): its time includes compiling the layers
     tok_s = sum(r["tokens"] for r in timed) / sum(r["step_s"] for r in timed)
     return {"name": f"lowtune {name}", "tok_per_s": round(tok_s, 1), "peak_gib": max(r["peak_mem_gb"] for r in steps_),
@@ -389,20 +397,19 @@ def trl_dpo(pairs: str, micro: int, ckpt: bool, cap: float = 0) -> dict:
     if SMALL and not os.environ.get("TRL_ON_CPU"):
         return {"name": "TRL DPOTrainer", "error": "skipped (SMALL=1 checks lowtune's side only)"}
     env = {"MODEL_DIR": MODEL_DIR, "BS": str(micro), "ACCUM": str(max(1, DPO_PAIRS // micro)),
-           "GC": "1" if ckpt else "0", "MAX_LENGTH": str(SEQ), "WORK": WORK, "QUANT": "none" if SMALL else "nf4",
-           "STEPS": str(STEPS - 1)}
+           "GC": "1" if ckpt else "0", "MAX_LENGTH": str(SEQ), "WORK": WORK, "VARIANT": "lora" if SMALL else "qlora",
+           "STEPS": str(STEPS - 1), "WARMUP": "1"}
     trl_site = os.environ.get("TRL_SITE", os.path.join(ROOT, ".whl", "trlsite"))
     if os.path.isdir(trl_site):  # trl and datasets only for this subprocess: lowtune's runs never see them
         env["PYTHONPATH"] = trl_site + os.pathsep + os.environ.get("PYTHONPATH", "")
     if cap:
         env["CAP_GIB"] = str(cap)
     code, text = run([sys.executable, os.path.join(HERE, "trl_dpo.py"), pairs], env, timeout=540)
-    lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
     name = f"TRL DPOTrainer bs{micro}{' ckpt' if ckpt else ''}" + (f" cap {cap:g} GiB" if cap else "")
-    if not lines:
-        oom = "OutOfMemoryError" in text or "out of memory" in text
-        return {"name": name, "error": "OOM" if oom else text[-2500:]}
-    return {**json.loads(lines[-1][7:]), "name": name, "seq": 2 * SEQ}
+    result = result_line(text)
+    if result is None:
+        return {"name": name, "error": failure(text, 2500)}
+    return {**result, "name": name, "seq": SEQ}
 
 
 def case_dpo(results: list) -> None:
@@ -643,7 +650,7 @@ def table(results: list) -> str:
         notes = f"loss {r['losses'][0]}->{r['losses'][-1]}" + (f", grad norm {r['grad_norms'][-1]}"
                                                                 if r.get("grad_norms") else "")
         lines.append(f"{r['case']:<4} {r['name']:<34} {r['tok_per_s']:>8.0f} {100 * mfu:>5.1f}% "
-                     f"{r['peak_gib']:>9.2f}  {notes}")
+                     f"{r['peak_gib'] or 0:>9.2f}  {notes}")
         if r.get("plan"):
             lines.append(f"{'':<40}{r['plan']}")
     return "\n".join(lines)

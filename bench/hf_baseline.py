@@ -29,7 +29,9 @@ ROW = os.environ.get("ROW")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def load(variant: str):
+def load(variant: str, r: int = 64, alpha: int = 16, dropout: float = 0.1):
+    """The model with LoRA on all 7 projections, as the tutorials build it (bf16 on the GPU; fp32 on a CPU, where
+    only bench_train.py's SMALL checks run it)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -37,18 +39,21 @@ def load(variant: str):
     if "liger" in variant:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
         apply_liger_kernel_to_llama()
-    kwargs = dict(dtype=torch.bfloat16, attn_implementation="sdpa", device_map={"": 0})
+    cuda = torch.cuda.is_available()
+    kwargs = dict(dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation="sdpa")
+    if cuda:
+        kwargs["device_map"] = {"": 0}
     if variant.startswith("qlora"):
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            bnb_4bit_compute_dtype=kwargs["dtype"])
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, **kwargs)
     if variant.startswith("qlora"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=GC)
     elif GC:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    config = LoraConfig(r=64, lora_alpha=16, lora_dropout=0.1, bias="none", task_type="CAUSAL_LM",
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
                         target_modules=TARGETS)
     model = get_peft_model(model, config)
     model.config.use_cache = False

@@ -3,8 +3,9 @@
 Run by bench/bench_train.py in its own subprocess:
 
     python bench/trl_dpo.py PAIRS.jsonl
-    env: MODEL_DIR, QUANT (nf4 | none), R (LoRA rank, 16), BS (pairs per micro-batch, 1), ACCUM (8),
-         GC (1 = gradient checkpointing), STEPS (timed optimizer steps, 3), WARMUP (1), CAP_GIB, MAX_LENGTH (per side)
+    env: MODEL_DIR, VARIANT (qlora | lora), R (LoRA rank, 16), BS (pairs per micro-batch), ACCUM (8),
+         GC (1 = gradient checkpointing), STEPS (timed optimizer steps), WARMUP, CAP_GIB, MAX_LENGTH (per side);
+         the model, its LoRA and the shared settings are bench/hf_baseline.py's
 
 Prints `RESULT {json}`: tokens/s over the timed optimizer steps (chosen + rejected tokens of every pair, prompt
 counted on both sides as both sides go through the model), the peak allocated GiB and the logged losses.
@@ -16,38 +17,12 @@ import os
 import sys
 import time
 
-MODEL_DIR = os.environ["MODEL_DIR"]
-QUANT = os.environ.get("QUANT", "nf4")
+from hf_baseline import BS, CAP_GIB, GC, MODEL_DIR, STEPS, WARMUP, load
+
+VARIANT = os.environ.get("VARIANT", "qlora")
 R = int(os.environ.get("R", 16))
-BS = int(os.environ.get("BS", 1))
 ACCUM = int(os.environ.get("ACCUM", 8))
-GC = os.environ.get("GC", "1") == "1"
-STEPS = int(os.environ.get("STEPS", 3))
-WARMUP = int(os.environ.get("WARMUP", 1))
-CAP_GIB = float(os.environ.get("CAP_GIB", 0))
 MAX_LENGTH = int(os.environ.get("MAX_LENGTH", 2048))
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def load_model():
-    import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
-    cuda = torch.cuda.is_available()
-    kwargs = dict(dtype=torch.bfloat16 if cuda else torch.float32, attn_implementation="sdpa")
-    if cuda:
-        kwargs["device_map"] = {"": 0}
-    if QUANT == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=kwargs["dtype"])
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, **kwargs)
-    if QUANT == "nf4":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=GC)
-    config = LoraConfig(r=R, lora_alpha=2 * R, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
-                        target_modules=TARGETS)
-    return get_peft_model(model, config)
 
 
 def pair_tokens(tokenizer, pairs: list[dict]) -> list[int]:
@@ -86,7 +61,7 @@ def main(pairs_path: str) -> None:
     pairs = [json.loads(line) for line in open(pairs_path, encoding="utf-8")]
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     per_pair = pair_tokens(tokenizer, pairs)
-    model = load_model()
+    model = load(VARIANT, r=R, alpha=2 * R, dropout=0.05)
     step_times: list[float] = []
     losses: list[float] = []
     grad_norms: list[float] = []
@@ -119,7 +94,7 @@ def main(pairs_path: str) -> None:
     timed = step_times[WARMUP:]
     pairs_per_step = BS * ACCUM
     tokens = sum(per_pair[: pairs_per_step]) * len(timed)  # every pair has the same length in the bench's file
-    result = dict(variant=f"TRL DPOTrainer bs{BS}x{ACCUM}{' ckpt' if GC else ''}", quant=QUANT, r=R,
+    result = dict(variant=f"TRL DPOTrainer bs{BS}x{ACCUM}{' ckpt' if GC else ''}", model=VARIANT, r=R,
                   cap_gib=CAP_GIB or None, tok_per_s=round(tokens / sum(timed), 1),
                   step_s=round(sorted(timed)[len(timed) // 2], 3),
                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
