@@ -15,6 +15,8 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -224,22 +226,30 @@ def chat_endpoint(url: str) -> int:
     return next(d["id"] for d in config["dependencies"] if d.get("api_name") == "chat")
 
 
-def ask(url: str, fn_index: int, message: str, max_new: int = 8) -> tuple[float, str]:
-    """One chat through Gradio's queue, as the page does it: join, then read the session's event stream."""
+def queue_events(url: str, fn_index: int, message: str, max_new: int) -> Iterator[dict]:
+    """One chat through Gradio's queue, as the page does it: join, then yield the session's events; closing the
+    generator early hangs up."""
     import httpx
 
     session = uuid.uuid4().hex[:12]
-    started = time.perf_counter()
     with httpx.Client(base_url=url, timeout=300) as http:
         joined = http.post("/gradio_api/queue/join", json={"data": [message, [], "", 0.7, 0.8, max_new],
                                                            "fn_index": fn_index, "session_hash": session})
         assert joined.status_code == 200, joined.text
         with http.stream("GET", "/gradio_api/queue/data", params={"session_hash": session}) as events:
             for line in events.iter_lines():
-                event = json.loads(line[5:]) if line.startswith("data:") else {}
-                if event.get("msg") == "process_completed":
-                    assert event["success"], event
-                    return time.perf_counter() - started, event["output"]["data"][0]
+                if line.startswith("data:"):
+                    yield json.loads(line[5:])
+
+
+def ask(url: str, fn_index: int, message: str, max_new: int = 8) -> tuple[float, str]:
+    """(seconds, answer) of one chat through the queue."""
+    started = time.perf_counter()
+    with closing(queue_events(url, fn_index, message, max_new)) as events:
+        for event in events:
+            if event.get("msg") == "process_completed":
+                assert event["success"], event
+                return time.perf_counter() - started, event["output"]["data"][0]
     raise AssertionError(f"the queue stream for {message!r} ended without an answer")
 
 
@@ -362,17 +372,10 @@ def slider_maximum(url: str, label: str) -> int:
 
 def drop_after_first_chunk(url: str, fn_index: int, max_new: int) -> None:
     """Join the queue for a long answer, read the event stream until the first generated text, then hang up."""
-    import httpx
-
-    session = uuid.uuid4().hex[:12]
-    with httpx.Client(base_url=url, timeout=300) as http:
-        joined = http.post("/gradio_api/queue/join", json={"data": [QUESTION, [], "", 0.7, 0.8, max_new],
-                                                           "fn_index": fn_index, "session_hash": session})
-        assert joined.status_code == 200, joined.text
-        with http.stream("GET", "/gradio_api/queue/data", params={"session_hash": session}) as events:
-            for line in events.iter_lines():
-                if line.startswith("data:") and json.loads(line[5:]).get("msg") == "process_generating":
-                    return
+    with closing(queue_events(url, fn_index, QUESTION, max_new)) as events:
+        for event in events:
+            if event.get("msg") == "process_generating":
+                return
     raise AssertionError("the long answer never started streaming")
 
 

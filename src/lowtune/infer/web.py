@@ -130,7 +130,7 @@ def _max_new_limit(engine: ChatEngine) -> int:
     return max(16, min(4096, context // 2 // 16 * 16))
 
 
-def create_app(engine: ChatEngine, host: str, port: int, limits: Limits | None = None) -> Gate:
+def create_app(engine: ChatEngine, host: str, port: int, limits: Limits) -> Gate:
     """The page as an ASGI app: Gradio's app mounted on FastAPI, behind `serve`'s gate (body size, body deadline).
 
     No share link, no analytics, no SSR, no MCP server, no monitoring endpoint.
@@ -138,7 +138,6 @@ def create_app(engine: ChatEngine, host: str, port: int, limits: Limits | None =
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     gr = require("gradio", "web", "lowtune web")
     fastapi = require("fastapi", "web", "lowtune web")
-    limits = limits or web_limits()
     page = build_page(engine)
     page.queue(default_concurrency_limit=1)
     theme = gr.themes.Default(font=list(SYSTEM_FONTS), font_mono=list(MONO_FONTS))
@@ -148,25 +147,24 @@ def create_app(engine: ChatEngine, host: str, port: int, limits: Limits | None =
     return Gate(app, limits.max_body_bytes, None, limits.request_seconds)
 
 
-def web_limits(request_seconds: float = 10.0) -> Limits:
+def web_limits(request_seconds: float) -> Limits:
     """`serve`'s limits, with room for a queue request that carries a long chat history."""
     return Limits(max_body_bytes=WEB_BODY_BYTES, request_seconds=request_seconds)
 
 
-def launch(engine: ChatEngine, host: str, port: int, limits: Limits | None = None) -> None:
+def launch(engine: ChatEngine, host: str, port: int, limits: Limits) -> None:
     """Serve the page on host:port until Ctrl-C.
 
     Gradio's own `launch()` builds a uvicorn server that waits forever for a partial request head; this one runs
     `serve`'s uvicorn protocol, which closes a connection whose head is not in after `limits.request_seconds`.
     """
     uvicorn = require("uvicorn", "web", "lowtune web")
-    limits = limits or web_limits()
     app = create_app(engine, host, port, limits)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5,
                 http=deadline_protocol(limits.request_seconds))
 
 
-def run_web(engine: ChatEngine, host: str, port: int, request_seconds: float = 10.0) -> None:
+def run_web(engine: ChatEngine, host: str, port: int, request_seconds: float) -> None:
     """`lowtune web`: check the port, say where to look (and how to tunnel), then serve until Ctrl-C."""
     check_port(host, port)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
