@@ -53,9 +53,9 @@ def self_cognition(work: Path, model: Path, label: str, log: list[str]) -> dict:
 
 
 NOTES = ROOT / "docs" / "quality-runs" / "NOTES.md"
+"""What the rows show, written by whoever ran them; rendered under the self-cognition table."""
 DPO_PAGE = ROOT / "docs" / "quality-dpo.md"
 """Written by bench/dpo_quality.py; its body becomes the preference-tuning section of docs/quality.md."""
-"""What the rows show, written by whoever ran them; rendered under the self-cognition table."""
 MEDQA_QUICK = {"train": ["train.epochs=1"], "eval": ["-n", "20"]}
 """--quick-medqa: one epoch and 20 scored answers, no retention (about 25 minutes on 2 CPU cores, not 2 hours)."""
 
